@@ -1,0 +1,47 @@
+// Attention entry points: prefill forward, core-token pooling. All shapes are [B, T, H, D].
+#pragma once
+#include <string>
+#include <vector>
+
+#include "cca/tensor.hpp"
+#include "cca/variant.hpp"
+
+namespace cca {
+
+enum class BackendKind : uint8_t { automatic, ref, cpu, cuda };
+const char* backend_name(BackendKind b);
+BackendKind parse_backend(const std::string& s);
+// Backends compiled into this build and usable on this machine (cuda needs a GPU).
+std::vector<BackendKind> available_backends();
+// Why `b` cannot run here, or "" if it can.
+std::string backend_unavailable_reason(BackendKind b);
+
+struct RunOptions {
+  BackendKind backend = BackendKind::automatic;  // automatic: cuda for device tensors, else cpu
+  int threads = 0;                               // CPU threads; 0 = all
+  void* stream = nullptr;                        // cudaStream_t for the cuda backend
+};
+
+// Prefill: O[B,T,Hq,D] = attention of Q[B,T,Hq,D] over K,V[B,T,Hkv,D] under `variant`
+// (for cca: pooling of the m = max(0, (T-s)/g) core tokens, then one softmax over core + local).
+// `lse` (optional; empty view = not wanted) is float32 [B, Hq, T], natural log of scaled logits.
+struct AttnFwdParams {
+  TensorView q, k, v, out, lse;
+  VariantSpec variant;
+  RunOptions run;
+};
+void attn_fwd(const AttnFwdParams& p);
+
+// Core tokens: for groups 0..m-1 with m = k_core.shape[1] (at most T/g), pooled as the
+// variant's pool and pool_heads say. k_core/v_core are [B, m, Hc, D], Hc = Hkv or Hq.
+struct PoolParams {
+  TensorView q, k, v, k_core, v_core;
+  VariantSpec variant;
+  RunOptions run;
+};
+void cca_pool(const PoolParams& p);
+
+// Number of core tokens a prefill of T tokens needs: max(0, floor((T - s) / g)), 0 without core.
+int64_t core_tokens_needed(const VariantSpec& v, int64_t T);
+
+}  // namespace cca

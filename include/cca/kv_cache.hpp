@@ -1,0 +1,40 @@
+// The per-layer decode cache for one variant: compressed for cca (core tokens + a raw window of
+// at most s + g - 1 tokens), sinks + window for sliding/streaming/lminfinite, everything for full.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "cca/attention.hpp"
+
+namespace cca {
+
+class KvCache {
+ public:
+  // A cache for `batch` sequences that advance together. Inputs given to append() must have
+  // this dtype; the cache stores keys and values in it.
+  KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t hkv, int64_t head_dim,
+          DType dtype, RunOptions run = {});
+  ~KvCache();
+  KvCache(KvCache&&) noexcept;
+  KvCache& operator=(KvCache&&) noexcept;
+
+  // Append a chunk of n >= 1 tokens: q [B, n, Hq, D], k and v [B, n, Hkv, D] (post-RoPE) at
+  // positions length() .. length()+n-1. Writes out [B, n, Hq, D] (and lse [B, Hq, n] float32 if
+  // given): exactly the rows a one-shot prefill of the whole sequence would give.
+  void append(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const TensorView& lse = {});
+
+  int64_t length() const;       // tokens appended so far
+  int64_t core_tokens() const;  // core tokens held
+  int64_t raw_tokens() const;   // raw tokens held (window and sinks)
+  int64_t memory_bytes() const; // bytes of keys and values held
+  // Bytes a full (uncompressed) cache would hold for the same tokens.
+  int64_t full_cache_bytes() const;
+  const VariantSpec& variant() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cca

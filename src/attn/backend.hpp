@@ -1,0 +1,86 @@
+// The interface every backend implements. Two operations carry all the math:
+//   attend: queries at consecutive absolute positions attend, in one softmax, over the keys the
+//           variant policy lets them see, drawn from up to three key segments;
+//   pool:   core tokens of a range of groups.
+// Prefill, chunked prefill and decode are all built from these (dispatch.cpp, kv_cache.cpp).
+#pragma once
+#include <string>
+
+#include "cca/attention.hpp"
+#include "policy.hpp"
+
+namespace cca {
+
+// Keys and values [B, n, H, D] whose row r holds absolute position pos0 + r (for the core
+// segment: core token pos0 + r). H is Hkv, or Hq for core tokens pooled per query head.
+struct KvSegment {
+  TensorView k, v;
+  int64_t pos0 = 0;
+  int64_t rows() const { return k.data ? k.shape[1] : 0; }
+  int64_t end() const { return pos0 + rows(); }
+};
+
+// q [B, n, Hq, D] at positions q_pos0 .. q_pos0+n-1. Query t sees (policy.hpp):
+//   core tokens [0, n_core) from `core`, raw keys [0, sink_end) from `sink`,
+//   raw keys [local_begin, t] from `local`.
+// Each segment must hold the rows its queries need. out [B, n, Hq, D]; lse optional [B, Hq, n].
+struct AttendProblem {
+  TensorView q;
+  int64_t q_pos0 = 0;
+  KvSegment core, sink, local;
+  TensorView out, lse;
+  VariantSpec variant;
+  float scale = 1.f;
+  int threads = 0;
+  void* stream = nullptr;
+};
+
+// Pool groups [group_begin, group_end) into k_core/v_core rows 0 .. count-1.
+// Group i's last query is q row (i+1)*g - 1 - q_pos0; its keys are raw rows of `raw`.
+struct PoolProblem {
+  TensorView q;
+  int64_t q_pos0 = 0;
+  KvSegment raw;
+  int64_t group_begin = 0, group_end = 0;
+  TensorView k_core, v_core;
+  VariantSpec variant;
+  float scale = 1.f;
+  int threads = 0;
+  void* stream = nullptr;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual BackendKind kind() const = 0;
+  // Where its tensors live.
+  virtual Device device() const { return Device::cpu; }
+  // "" if it can run `p`, else the reason.
+  virtual std::string unsupported(const AttendProblem&) const { return ""; }
+  virtual void attend(const AttendProblem& p) const = 0;
+  virtual void pool(const PoolProblem& p) const = 0;
+  // Device memory helpers for backends whose tensors do not live on the host.
+  virtual void* alloc(int64_t bytes) const;
+  virtual void free(void* ptr) const;
+  virtual void copy(void* dst, const void* src, int64_t bytes) const;  // same-device copy
+  // dst = src for two [B, n, H, D] views of the same shape and dtype on this backend's device.
+  virtual void copy_tensor(const TensorView& dst, const TensorView& src) const;
+};
+
+// The backend to run; throws cca::Error if it is not compiled in or cannot run here.
+const Backend& get_backend(BackendKind kind, Device data_device);
+
+namespace ref { const Backend& backend(); }
+namespace cpu { const Backend& backend(); }
+#ifdef CCA_WITH_CUDA
+namespace cuda {
+const Backend* backend();  // nullptr when no GPU is usable
+std::string unavailable_reason();
+}  // namespace cuda
+#endif
+
+// Shape checks shared by every entry point; throw cca::Error naming the tensor and dimension.
+void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v);
+void check_attn_out(const TensorView& q, const TensorView& out, const TensorView& lse);
+
+}  // namespace cca

@@ -1,0 +1,213 @@
+// The per-layer decode cache (docs/design.md, "Cache layout"). Three stores per layer:
+//   core  [B, cap, Hc, D]  core tokens 0 .. n_core-1, append-only          (cca only)
+//   sink  [B, cap, Hkv, D] raw positions 0 .. n_sink-1                     (streaming, lminfinite)
+//   raw   [B, cap, Hkv, D] raw positions raw_begin .. n-1 at rows raw_off ..  (every variant)
+// All memory goes through the backend (host or device), so the same code drives every backend.
+#include "cca/kv_cache.hpp"
+
+#include <sstream>
+
+#include "backend.hpp"
+#include "cca/error.hpp"
+
+namespace cca {
+namespace {
+
+// An owned [B, cap, H, D] buffer in the backend's memory.
+class Store {
+ public:
+  Store(const Backend& be, int64_t B, int64_t H, int64_t D, DType dt)
+      : be_(&be), B_(B), H_(H), D_(D), dtype_(dt) {}
+  ~Store() { release(); }
+  Store(Store&& o) noexcept { *this = std::move(o); }
+  Store& operator=(Store&& o) noexcept {
+    if (this != &o) {
+      release();
+      be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, cap_ = o.cap_,
+      data_ = o.data_;
+      o.data_ = nullptr;
+      o.cap_ = 0;
+    }
+    return *this;
+  }
+
+  // Rows [row0, row0 + rows) as a [B, rows, H, D] view.
+  TensorView rows(int64_t row0, int64_t count) const {
+    TensorView v = make_view(data_, dtype_, {B_, cap_, H_, D_}, be_->device());
+    return v.slice(1, row0, count);
+  }
+  int64_t capacity() const { return cap_; }
+
+  // Makes room for `needed` rows, keeping rows [keep0, keep0 + keep) which move to row 0 when
+  // the buffer is reallocated. Returns the new row of the first kept row.
+  int64_t reserve(int64_t needed, int64_t keep0, int64_t keep) {
+    if (keep0 + needed <= cap_) return keep0;
+    const int64_t cap = std::max<int64_t>(16, 2 * needed);
+    void* data = be_->alloc(B_ * cap * H_ * D_ * dtype_size(dtype_));
+    Store fresh(*be_, B_, H_, D_, dtype_);
+    fresh.data_ = data;
+    fresh.cap_ = cap;
+    if (keep > 0) be_->copy_tensor(fresh.rows(0, keep), rows(keep0, keep));
+    *this = std::move(fresh);
+    return 0;
+  }
+
+ private:
+  void release() {
+    if (data_) be_->free(data_);
+    data_ = nullptr;
+  }
+  const Backend* be_ = nullptr;
+  int64_t B_ = 0, H_ = 0, D_ = 0;
+  DType dtype_ = DType::f32;
+  int64_t cap_ = 0;
+  void* data_ = nullptr;
+};
+
+}  // namespace
+
+struct KvCache::Impl {
+  VariantSpec variant;
+  int64_t B, Hq, Hkv, D, Hc;
+  DType dtype;
+  RunOptions run;
+  const Backend* be;
+  Store core_k, core_v, sink_k, sink_v, raw_k, raw_v;
+  int64_t n = 0;          // tokens appended
+  int64_t n_core = 0;     // core tokens held
+  int64_t n_sink = 0;     // sink positions held
+  int64_t raw_begin = 0;  // first raw position held in the window
+  int64_t raw_off = 0;    // its row in raw_k / raw_v
+
+  Impl(const VariantSpec& v, int64_t b, int64_t hq, int64_t hkv, int64_t d, DType dt,
+       RunOptions r, const Backend& backend)
+      : variant(v), B(b), Hq(hq), Hkv(hkv), D(d), Hc(v.core_heads(hq, hkv)), dtype(dt), run(r),
+        be(&backend), core_k(backend, b, Hc, d, dt), core_v(backend, b, Hc, d, dt),
+        sink_k(backend, b, hkv, d, dt), sink_v(backend, b, hkv, d, dt),
+        raw_k(backend, b, hkv, d, dt), raw_v(backend, b, hkv, d, dt) {}
+
+  int64_t raw_rows() const { return n - raw_begin; }
+  KvSegment raw_segment(int64_t rows) const {
+    return KvSegment{raw_k.rows(raw_off, rows), raw_v.rows(raw_off, rows), raw_begin};
+  }
+
+  void check_chunk(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& out, const TensorView& lse) const {
+    check_qkv(q, k, v);
+    check_attn_out(q, out, lse);
+    std::ostringstream want;
+    want << "this cache holds B = " << B << ", Hq = " << Hq << ", Hkv = " << Hkv << ", D = " << D
+         << "; got q " << q.shape_string() << ", k " << k.shape_string();
+    check(q.shape[0] == B && q.shape[2] == Hq && k.shape[2] == Hkv && q.shape[3] == D,
+          want.str());
+    check(q.dtype == dtype, std::string("this cache holds ") + dtype_name(dtype) + ", got " +
+                                dtype_name(q.dtype));
+    check(q.device == be->device(), std::string("backend ") + backend_name(be->kind()) +
+                                        " needs tensors in " +
+                                        (be->device() == Device::cuda ? "GPU" : "host") + " memory");
+  }
+
+  // q [B, c, Hq, D], k/v [B, c, Hkv, D] at positions n .. n+c-1.
+  void append(const TensorView& q, const TensorView& k, const TensorView& v,
+              const TensorView& out, const TensorView& lse) {
+    check_chunk(q, k, v, out, lse);
+    const int64_t c = q.shape[1];
+    const float scale = variant.scale_for(D);
+
+    // 1. The chunk's raw keys and values join the window (and the sinks, while they fill).
+    const int64_t live = raw_rows();
+    const int64_t old_off = raw_off;  // both stores grow together, so they share raw_off
+    raw_off = raw_k.reserve(live + c, old_off, live);
+    raw_v.reserve(live + c, old_off, live);
+    be->copy_tensor(raw_k.rows(raw_off + live, c), k);
+    be->copy_tensor(raw_v.rows(raw_off + live, c), v);
+    int64_t sink_end = n_sink;
+    if (variant.has_sinks() && n < variant.sinks) {
+      sink_end = std::min(variant.sinks, n + c);
+      sink_k.reserve(sink_end, 0, n_sink);
+      sink_v.reserve(sink_end, 0, n_sink);
+      const int64_t rows = sink_end - n;  // n_sink == n while the sinks fill
+      be->copy_tensor(sink_k.rows(n, rows), k.slice(1, 0, rows));
+      be->copy_tensor(sink_v.rows(n, rows), v.slice(1, 0, rows));
+    }
+    const KvSegment raw = raw_segment(live + c);
+
+    // 2. Pool every group that completes in this chunk; its last query is in the chunk and its
+    //    raw keys are still in the window (group start >= j(t)*g for its last position t).
+    const int64_t core_end = variant.has_core() ? (n + c) / variant.group : 0;
+    if (core_end > n_core) {
+      core_k.reserve(core_end, 0, n_core);
+      core_v.reserve(core_end, 0, n_core);
+      PoolProblem pp;
+      pp.q = q;
+      pp.q_pos0 = n;
+      pp.raw = raw;
+      pp.group_begin = n_core;
+      pp.group_end = core_end;
+      pp.k_core = core_k.rows(n_core, core_end - n_core);
+      pp.v_core = core_v.rows(n_core, core_end - n_core);
+      pp.variant = variant;
+      pp.scale = scale;
+      pp.threads = run.threads;
+      pp.stream = run.stream;
+      be->pool(pp);
+    }
+
+    // 3. Attend: each query sees what the variant's policy says, from the three stores.
+    AttendProblem a;
+    a.q = q;
+    a.q_pos0 = n;
+    if (core_end > 0) a.core = KvSegment{core_k.rows(0, core_end), core_v.rows(0, core_end), 0};
+    if (sink_end > 0) a.sink = KvSegment{sink_k.rows(0, sink_end), sink_v.rows(0, sink_end), 0};
+    a.local = raw;
+    a.out = out;
+    a.lse = lse;
+    a.variant = variant;
+    a.scale = scale;
+    a.threads = run.threads;
+    a.stream = run.stream;
+    be->attend(a);
+
+    // 4. Advance, then evict raw positions no later query sees raw (below j(last) * g for cca).
+    n += c;
+    n_core = core_end;
+    n_sink = sink_end;
+    const int64_t keep_from = visible_keys(variant, n - 1).local_begin;
+    raw_off += keep_from - raw_begin;
+    raw_begin = keep_from;
+  }
+};
+
+KvCache::KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t hkv,
+                 int64_t head_dim, DType dtype, RunOptions run) {
+  variant.validate();
+  std::ostringstream bad;
+  bad << "KvCache: batch = " << batch << ", Hq = " << hq << ", Hkv = " << hkv
+      << ", D = " << head_dim << ": each must be >= 1 and Hq a multiple of Hkv";
+  check(batch >= 1 && hq >= 1 && hkv >= 1 && head_dim >= 1 && hq % hkv == 0, bad.str());
+  const Backend& be =
+      get_backend(run.backend, run.backend == BackendKind::cuda ? Device::cuda : Device::cpu);
+  impl_ = std::make_unique<Impl>(variant, batch, hq, hkv, head_dim, dtype, run, be);
+}
+KvCache::~KvCache() = default;
+KvCache::KvCache(KvCache&&) noexcept = default;
+KvCache& KvCache::operator=(KvCache&&) noexcept = default;
+
+void KvCache::append(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const TensorView& lse) {
+  impl_->append(q, k, v, out, lse);
+}
+int64_t KvCache::length() const { return impl_->n; }
+int64_t KvCache::core_tokens() const { return impl_->n_core; }
+int64_t KvCache::raw_tokens() const { return impl_->raw_rows() + impl_->n_sink; }
+int64_t KvCache::memory_bytes() const {
+  const Impl& m = *impl_;
+  return 2 * m.B * m.D * dtype_size(m.dtype) * (m.n_core * m.Hc + raw_tokens() * m.Hkv);
+}
+int64_t KvCache::full_cache_bytes() const {
+  const Impl& m = *impl_;
+  return 2 * m.B * m.D * dtype_size(m.dtype) * m.n * m.Hkv;
+}
+const VariantSpec& KvCache::variant() const { return impl_->variant; }
+
+}  // namespace cca
