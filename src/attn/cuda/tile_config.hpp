@@ -1,0 +1,83 @@
+// Tile sizes of every CUDA kernel (one constexpr table) and the runtime-to-compile-time switch
+// over dtype and head dim (one place; the instantiation matrix is {f16, bf16} x {64, 128}).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <string>
+#include <type_traits>
+
+#include "cca/error.hpp"
+#include "cca/tensor.hpp"
+
+namespace cca::cuda {
+
+// Prefill/chunked attend (mma.sync m16n8k16): kWarps warps of 16 query rows each, kBlockN keys
+// per step, K/V double-buffered in shared memory.
+#ifndef CCA_ATTEND_WARPS    // a build-time override for tile experiments (bench/gpu_bench.sh)
+#define CCA_ATTEND_WARPS 8  // 128 query rows: measured 19% faster than 4 warps at 128K
+#endif
+template <int D>
+struct AttendTile {
+  static constexpr int kWarps = CCA_ATTEND_WARPS;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = 64;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kStages = 2;
+  // Q tile + kStages x (K tile + V tile), bf16/f16 elements.
+  static constexpr int kSmemBytes = (kBlockM + kStages * 2 * kBlockN) * D * 2;
+};
+
+// Split-KV decode: kWarps warps, D/8 lanes per key (16-byte loads), kUnroll keys per key group
+// per step; at most kMaxRows query rows (queries x heads sharing a KV head) per block.
+struct DecodeTile {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kUnroll = 4;
+  static constexpr int kMaxRows = 8;
+  static constexpr int kMinKeysPerSplit = 128;
+};
+
+// Pooling: one warp per (batch, group, core head), D/8 lanes per key.
+struct PoolTile {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+};
+
+// "" if the CUDA kernels handle (dtype, D), else the reason.
+inline std::string unsupported_dtype_dim(DType t, int64_t D) {
+  if (t == DType::f32)
+    return "the cuda backend takes float16 or bfloat16 inputs, got float32 (convert, or use the "
+           "cpu backend)";
+  if (D != 64 && D != 128)
+    return "the cuda backend supports head dims 64 and 128, got D = " + std::to_string(D);
+  return "";
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int D>
+using DimTag = std::integral_constant<int, D>;
+
+// Calls f(TypeTag<T>{}, DimTag<D>{}) for the runtime dtype and head dim (C++17: nvcc with
+// CMake < 3.27 has no CUDA20 dialect).
+template <typename F>
+void dispatch_dtype_dim(DType t, int64_t D, F&& f) {
+  const std::string why = unsupported_dtype_dim(t, D);
+  if (!why.empty()) throw Error(why);
+  if (t == DType::bf16) {
+    if (D == 64)
+      f(TypeTag<__nv_bfloat16>{}, DimTag<64>{});
+    else
+      f(TypeTag<__nv_bfloat16>{}, DimTag<128>{});
+  } else {
+    if (D == 64)
+      f(TypeTag<__half>{}, DimTag<64>{});
+    else
+      f(TypeTag<__half>{}, DimTag<128>{});
+  }
+}
+
+}  // namespace cca::cuda
