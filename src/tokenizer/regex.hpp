@@ -1,0 +1,39 @@
+// Patterns of tokenizer.json (Split pre-tokenizer, Replace normalizer/decoder): a literal string
+// or an Oniguruma regex, matched with PCRE2 (UTF + UCP, JIT where available).
+#pragma once
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace cca::tok::detail {
+
+// Rewrites the Oniguruma syntax that Hugging Face patterns use into PCRE2 syntax with the same
+// meaning: \s and \S become Unicode White_Space classes (PCRE2's \s misses U+0085), \h and \H
+// become hex-digit classes. Throws cca::Error naming the pattern on what it cannot carry over.
+std::string onig_to_pcre2(std::string_view pattern);
+
+// A compiled pattern. Matching is thread-safe.
+class Pattern {
+ public:
+  static Pattern literal(std::string text);
+  static Pattern regex(const std::string& onig_pattern);  // throws cca::Error when invalid
+
+  // Non-overlapping matches [begin, end) of the pattern in valid UTF-8 `s`, left to right, as
+  // the tokenizers crate finds them (an empty match never directly follows the previous match).
+  std::vector<std::pair<size_t, size_t>> find_all(std::string_view s) const;
+
+  // `s` with every match replaced by `content`.
+  std::string replace_all(std::string_view s, std::string_view content) const;
+
+  const std::string& source() const { return source_; }
+
+ private:
+  struct Compiled;
+  std::string source_;
+  bool is_regex_ = false;
+  std::shared_ptr<const Compiled> re_;
+};
+
+}  // namespace cca::tok::detail
