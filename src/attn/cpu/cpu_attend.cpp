@@ -1,0 +1,351 @@
+// CPU attention: tiled online softmax (flash-attention style) over the key ranges of policy.hpp.
+//
+// Layout. A work item is (batch b, query head h, tile of kBlockM = 64 consecutive queries). The
+// tile keeps its queries transposed, Qt [D][64] (pre-scaled by scale * log2 e, so the softmax runs
+// in base 2), and its output transposed, Ot [D][64], with a running max m and sum l per query.
+// Each key block of up to kBlockN keys computes S^T [keys][64] = K_blk Qt, then P^T = 2^(S^T - m)
+// and Ot = Ot * alpha + V_blk^T P^T. With queries along the vector lanes, the softmax needs no
+// horizontal reductions, K and V float32 rows are read in place (broadcast operands, no packing),
+// and both products are the same register-blocked kernel (cpu_simd.hpp). float16/bfloat16 key
+// and value blocks are converted to float32 first.
+//
+// Work. For each segment (core, sink, local) a tile visits only the blocks of the union of its
+// queries' ranges, and masks elements only in blocks that are not inside every query's range, so
+// cca costs O(T (T/g + s)) and full causal O(T^2 / 2).
+//
+// Cost model at T = 16384, Hq = 8, D = 64 (issue 2 target): useful FLOPs of full causal
+// 4 D Hq T(T+1)/2 = 275 GFLOP; cca g=16 s=1024 48.6 GFLOP (each query sees ~t/16 + 1032 keys),
+// 5.66x less work; pooling reads K and V once (~0.05 GFLOP). The AVX-512 kernel keeps 6 x 4
+// accumulator vectors (24 FMAs per 4 loads + 6 broadcasts); peak is 2 FMA/cycle x 16 lanes x 2 =
+// 64 FLOP/cycle/core. Measured results and the tuning history: docs/perf.md.
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <string>
+
+#include "cca/error.hpp"
+#include "cpu_ops.hpp"
+#include "cpu_simd.hpp"
+
+namespace cca::cpu {
+namespace {
+
+constexpr int kBlockN = 128;  // keys per block (64 and 256 measured slower: docs/perf.md)
+constexpr int kSegments = 3;  // core, sink, local
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Running max before any key: finite, so m_old - m_new never computes inf - inf.
+constexpr float kMaxInit = -FLT_MAX;
+
+// Key range [lo, hi) of segment `s` for a query that sees `v`.
+inline void segment_range(const Visible& v, int s, int64_t& lo, int64_t& hi) {
+  switch (s) {
+    case 0:
+      lo = 0;
+      hi = v.n_core;
+      break;
+    case 1:
+      lo = 0;
+      hi = v.sink_end;
+      break;
+    default:
+      lo = v.local_begin;
+      hi = v.local_end;
+      break;
+  }
+}
+
+// One segment's keys and values for one (batch, KV head): row pointers at segment row 0.
+struct SegmentRows {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0;  // between rows, in elements
+  DType k_dtype = DType::f32, v_dtype = DType::f32;
+  int64_t pos0 = 0;
+
+  SegmentRows(const KvSegment& s, int64_t b, int64_t head)
+      : k(static_cast<const char*>(s.k.ptr(s.k.offset(b, 0, head)))),
+        v(static_cast<const char*>(s.v.ptr(s.v.offset(b, 0, head)))),
+        k_stride(s.k.stride[1]),
+        v_stride(s.v.stride[1]),
+        k_dtype(s.k.dtype),
+        v_dtype(s.v.dtype),
+        pos0(s.pos0) {}
+};
+
+// Float32 rows [pos, pos + n) of one tensor of a segment: in place for float32, else converted
+// into `buf` [n][D]. Returns the row pointer and sets `stride`.
+const float* block_rows(const char* base, DType dt, int64_t row_stride, int64_t row, int64_t n,
+                        int64_t D, float* buf, int64_t& stride) {
+  const int64_t esize = dtype_size(dt);
+  if (dt == DType::f32) {
+    stride = row_stride;
+    return reinterpret_cast<const float*>(base + row * row_stride * esize);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    load_row(base + (row + j) * row_stride * esize, dt, D, buf + j * D);
+  stride = D;
+  return buf;
+}
+
+// Asks for rows [row, row + n) of a segment's keys and values to be brought into L2 while the
+// current block computes: rows of one head are H*D elements apart, too far apart for the
+// hardware prefetchers once K and V outgrow L2 (full attention at long T).
+inline void prefetch_rows(const SegmentRows& seg, int64_t pos, int64_t n, int64_t D) {
+#if defined(CCA_CPU_AVX512)
+  const int64_t kb = dtype_size(seg.k_dtype), vb = dtype_size(seg.v_dtype);
+  for (int64_t j = 0; j < n; ++j) {
+    const char* kr = seg.k + (pos - seg.pos0 + j) * seg.k_stride * kb;
+    const char* vr = seg.v + (pos - seg.pos0 + j) * seg.v_stride * vb;
+    for (int64_t off = 0; off < D * kb; off += 64) _mm_prefetch(kr + off, _MM_HINT_T1);
+    for (int64_t off = 0; off < D * vb; off += 64) _mm_prefetch(vr + off, _MM_HINT_T1);
+  }
+#else
+  (void)seg, (void)pos, (void)n, (void)D;
+#endif
+}
+
+// Per-thread scratch of one query tile.
+struct TileState {
+  int64_t D = 0;
+  float* qt = nullptr;     // [D][kBlockM] queries, scaled by scale * log2 e
+  float* ot = nullptr;     // [D][kBlockM] unnormalised output
+  float* st = nullptr;     // [kBlockN][kBlockM] logits, then probabilities
+  float* kbuf = nullptr;   // [kBlockN][D] converted keys (float16/bfloat16 inputs)
+  float* vbuf = nullptr;   // [kBlockN][D] converted values
+  float* m = nullptr;      // [kBlockM] running max (base-2 logits)
+  float* l = nullptr;      // [kBlockM] running sum
+  float* alpha = nullptr;  // [kBlockM] rescale of this block
+  int32_t lo_rel[kBlockM], hi_rel[kBlockM];
+
+  static int64_t floats(int64_t D) {
+    return 2 * D * kBlockM + int64_t(kBlockN) * kBlockM + 2 * int64_t(kBlockN) * D + 3 * kBlockM;
+  }
+  // Carves the buffers out of `base` (64-byte aligned; every piece is a multiple of 16 floats
+  // except kbuf/vbuf, which are placed last and read unaligned).
+  void bind(float* base, int64_t head_dim) {
+    D = head_dim;
+    qt = base;
+    ot = qt + D * kBlockM;
+    st = ot + D * kBlockM;
+    m = st + kBlockN * kBlockM;
+    l = m + kBlockM;
+    alpha = l + kBlockM;
+    kbuf = alpha + kBlockM;
+    vbuf = kbuf + kBlockN * D;
+  }
+};
+
+// One key block [k0, k0 + nk) of a segment for the tile in `ts`. `lo`/`hi`: each query's visible
+// range in this segment (empty for padding columns), used only when `masked`.
+void attend_block(TileState& ts, const SegmentRows& seg, int64_t k0, int64_t nk, bool masked,
+                  const int64_t* lo, const int64_t* hi) {
+  const int64_t D = ts.D;
+  int64_t ks = 0, vs = 0;
+  const float* kp = block_rows(seg.k, seg.k_dtype, seg.k_stride, k0 - seg.pos0, nk, D, ts.kbuf, ks);
+  const float* vp = block_rows(seg.v, seg.v_dtype, seg.v_stride, k0 - seg.pos0, nk, D, ts.vbuf, vs);
+
+  // S^T [nk][64] = K_blk [nk][D] Qt [D][64]
+  tile_product_rows<false>(nk, D, kp, ks, 1, ts.qt, ts.st, nullptr);
+
+  if (masked) {
+    for (int i = 0; i < kBlockM; ++i) {
+      ts.lo_rel[i] = int32_t(std::clamp<int64_t>(lo[i] - k0, 0, nk));
+      ts.hi_rel[i] = int32_t(std::clamp<int64_t>(hi[i] - k0, 0, nk));
+    }
+    for (int32_t j = 0; j < int32_t(nk); ++j) {
+      float* sj = ts.st + j * kBlockM;
+      for (int i = 0; i < kBlockM; ++i)
+        sj[i] = (j >= ts.lo_rel[i] && j < ts.hi_rel[i]) ? sj[i] : -INFINITY;
+    }
+  }
+
+  // Online softmax update, vectorised over the 64 queries of the tile.
+#if defined(CCA_CPU_AVX512)
+  for (int v = 0; v < kVecs; ++v) {
+    float* sv = ts.st + v * kLanes;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_load_ps(sv + j * kBlockM));
+    const __m512 m_old = _mm512_load_ps(ts.m + v * kLanes);
+    const __m512 m_new = _mm512_max_ps(m_old, mx);
+    const __m512 a = exp2_ps(_mm512_sub_ps(m_old, m_new));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(sv + j * kBlockM), m_new));
+      _mm512_store_ps(sv + j * kBlockM, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    _mm512_store_ps(ts.m + v * kLanes, m_new);
+    _mm512_store_ps(ts.l + v * kLanes, _mm512_fmadd_ps(_mm512_load_ps(ts.l + v * kLanes), a, sum));
+    _mm512_store_ps(ts.alpha + v * kLanes, a);
+  }
+#else
+  for (int i = 0; i < kBlockM; ++i) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, ts.st[j * kBlockM + i]);
+    const float m_new = std::max(ts.m[i], mx);
+    const float a = std::exp2(ts.m[i] - m_new);
+    float sum = 0.f;
+    for (int64_t j = 0; j < nk; ++j) {
+      float& s = ts.st[j * kBlockM + i];
+      s = std::exp2(s - m_new);
+      sum += s;
+    }
+    ts.m[i] = m_new;
+    ts.l[i] = ts.l[i] * a + sum;
+    ts.alpha[i] = a;
+  }
+#endif
+
+  // Ot [D][64] = Ot * alpha + V_blk^T [D][nk] P^T [nk][64]
+  tile_product_rows<true>(D, nk, vp, 1, vs, ts.st, ts.ot, ts.alpha);
+}
+
+// Queries [r0, r0 + nq) of (batch b, query head h).
+void attend_tile(const AttendProblem& p, TileState& ts, int64_t b, int64_t h, int64_t r0,
+                 int64_t nq) {
+  const int64_t D = ts.D, Hq = p.q.shape[2], Hkv = p.local.k.shape[2], group_size = Hq / Hkv;
+  const float qscale = p.scale * kLog2e;
+
+  for (int64_t d = 0; d < D; ++d)
+    for (int i = 0; i < kBlockM; ++i) ts.qt[d * kBlockM + i] = 0.f;
+  {
+    float row[1024];  // D is checked to be <= 1024
+    for (int64_t i = 0; i < nq; ++i) {
+      load_row(p.q.ptr(p.q.offset(b, r0 + i, h)), p.q.dtype, D, row);
+      for (int64_t d = 0; d < D; ++d) ts.qt[d * kBlockM + i] = row[d] * qscale;
+    }
+  }
+  for (int64_t x = 0; x < D * kBlockM; ++x) ts.ot[x] = 0.f;
+  for (int i = 0; i < kBlockM; ++i) {
+    ts.m[i] = kMaxInit;
+    ts.l[i] = 0.f;
+  }
+
+  Visible vis[kBlockM];
+  for (int64_t i = 0; i < nq; ++i) vis[i] = visible_keys(p.variant, p.q_pos0 + r0 + i);
+
+  const KvSegment* segs[kSegments] = {&p.core, &p.sink, &p.local};
+  for (int s = 0; s < kSegments; ++s) {
+    int64_t lo[kBlockM], hi[kBlockM];
+    int64_t union_lo = INT64_MAX, union_hi = INT64_MIN, all_lo = INT64_MIN, all_hi = INT64_MAX;
+    for (int i = 0; i < kBlockM; ++i) {
+      if (i < nq) {
+        segment_range(vis[i], s, lo[i], hi[i]);
+      } else {
+        lo[i] = hi[i] = 0;  // padding columns see nothing
+        continue;
+      }
+      if (hi[i] <= lo[i]) {  // this query sees nothing here: every block needs the mask
+        all_lo = INT64_MAX;
+        continue;
+      }
+      union_lo = std::min(union_lo, lo[i]);
+      union_hi = std::max(union_hi, hi[i]);
+      all_lo = std::max(all_lo, lo[i]);
+      all_hi = std::min(all_hi, hi[i]);
+    }
+    if (union_hi <= union_lo) continue;
+    const int64_t head = (s == 0 && p.variant.pool_heads == PoolHeads::query) ? h : h / group_size;
+    const SegmentRows rows(*segs[s], b, head);
+    for (int64_t k0 = union_lo; k0 < union_hi; k0 += kBlockN) {
+      const int64_t nk = std::min<int64_t>(kBlockN, union_hi - k0);
+      // Padding columns (nq < kBlockM) need no mask: their zero queries are never written out.
+      const bool masked = k0 < all_lo || k0 + nk > all_hi;
+      const int64_t next = k0 + nk;
+      prefetch_rows(rows, next, std::min<int64_t>(kBlockN, union_hi - next), D);
+      attend_block(ts, rows, k0, nk, masked, lo, hi);
+    }
+  }
+
+  // O = Ot^T / l, lse = ln(2^m l) = m ln 2 + ln l.
+  for (int64_t i = 0; i < nq; ++i) {
+    const float inv = 1.f / ts.l[i];
+    const int64_t oo = p.out.offset(b, r0 + i, h);
+    if (p.out.dtype == DType::f32) {
+      float* o = static_cast<float*>(p.out.ptr(oo));
+      for (int64_t d = 0; d < D; ++d) o[d] = ts.ot[d * kBlockM + i] * inv;
+    } else {
+      for (int64_t d = 0; d < D; ++d) p.out.store(oo + d, ts.ot[d * kBlockM + i] * inv);
+    }
+    if (p.lse.data) p.lse.store(p.lse.offset(b, h, r0 + i), ts.m[i] * kLn2 + std::log(ts.l[i]));
+  }
+}
+
+std::string seg_name(int s) { return s == 0 ? "core" : s == 1 ? "sink" : "local"; }
+
+// Shapes, head counts and that every segment holds the rows its queries need. Throws before any
+// output is written.
+void check_problem(const AttendProblem& p) {
+  check(p.q.data && p.q.ndim == 4, "cpu attend: q must be a 4-d tensor [B, n, Hq, D]");
+  check(p.out.data && p.out.ndim == 4, "cpu attend: out must be a 4-d tensor [B, n, Hq, D]");
+  const int64_t B = p.q.shape[0], n = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+  check(D >= 1 && D <= 1024, "cpu attend: head dim D = " + std::to_string(D) +
+                                 " is outside the supported range 1..1024");
+  check(p.q.stride[3] == 1 && p.out.stride[3] == 1,
+        "cpu attend: q and out must be contiguous in their last dimension");
+  check(p.local.k.data && p.local.v.data, "cpu attend: the local segment is missing");
+  const int64_t Hkv = p.local.k.shape[2];
+  check(Hkv >= 1 && Hq % Hkv == 0, "cpu attend: Hq = " + std::to_string(Hq) +
+                                       " is not a multiple of Hkv = " + std::to_string(Hkv));
+  if (n == 0 || B == 0) return;
+  const Visible first = visible_keys(p.variant, p.q_pos0);
+  const Visible last = visible_keys(p.variant, p.q_pos0 + n - 1);
+  const KvSegment* segs[kSegments] = {&p.core, &p.sink, &p.local};
+  for (int s = 0; s < kSegments; ++s) {
+    int64_t lo0, hi0, lo1, hi1;
+    segment_range(first, s, lo0, hi0);
+    segment_range(last, s, lo1, hi1);
+    const int64_t lo = std::min(lo0, lo1), hi = std::max(hi0, hi1);
+    if (hi <= lo) continue;
+    const KvSegment& seg = *segs[s];
+    const std::string name = seg_name(s);
+    check(seg.k.data && seg.v.data, "cpu attend: the " + name + " segment is missing");
+    check(seg.k.ndim == 4 && seg.v.ndim == 4 && seg.k.shape[0] == B && seg.v.shape[0] == B &&
+              seg.k.shape[3] == D && seg.v.shape[3] == D && seg.k.stride[3] == 1 &&
+              seg.v.stride[3] == 1 && seg.v.shape[1] == seg.k.shape[1] &&
+              seg.v.shape[2] == seg.k.shape[2],
+          "cpu attend: " + name + " segment k " + seg.k.shape_string() + ", v " +
+              seg.v.shape_string() + " do not match q " + p.q.shape_string());
+    const int64_t want_heads = s == 0 ? p.variant.core_heads(Hq, Hkv) : Hkv;
+    check(seg.k.shape[2] == want_heads, "cpu attend: " + name + " segment has " +
+                                            std::to_string(seg.k.shape[2]) + " heads, expected " +
+                                            std::to_string(want_heads));
+    check(lo >= seg.pos0 && hi <= seg.end(),
+          "cpu attend: " + name + " segment holds rows [" + std::to_string(seg.pos0) + ", " +
+              std::to_string(seg.end()) + ") but the queries need [" + std::to_string(lo) + ", " +
+              std::to_string(hi) + ")");
+  }
+}
+
+}  // namespace
+
+int thread_count(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+
+// q [B, n, Hq, D] at positions q_pos0..; segments [B, rows, Hkv or Hc, D]; out [B, n, Hq, D].
+void attend(const AttendProblem& p) {
+  check_problem(p);
+  const int64_t B = p.q.shape[0], n = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+  if (B == 0 || n == 0) return;
+  const int64_t tiles = (n + kBlockM - 1) / kBlockM, items = B * Hq * tiles;
+  const int nthreads = int(std::min<int64_t>(thread_count(p.threads), items));
+  const int64_t per_thread = (TileState::floats(D) + 15) / 16 * 16;
+  AlignedFloats scratch(per_thread * nthreads);
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileState ts;
+    ts.bind(scratch.data() + per_thread * omp_get_thread_num(), D);
+    // Longest tiles (latest queries) first, so the dynamic schedule ends on short ones.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < items; ++w) {
+      const int64_t b = w / (Hq * tiles), h = (w / tiles) % Hq, tile = tiles - 1 - w % tiles;
+      const int64_t r0 = tile * kBlockM;
+      attend_tile(p, ts, b, h, r0, std::min<int64_t>(kBlockM, n - r0));
+    }
+  }
+}
+
+}  // namespace cca::cpu

@@ -1,0 +1,14 @@
+// The two operations of the optimised CPU backend (cpu_attend.cpp, cpu_pool.cpp).
+#pragma once
+#include "backend.hpp"
+
+namespace cca::cpu {
+
+// Tiled online-softmax attention over the core/sink/local segments of `p` (backend.hpp).
+void attend(const AttendProblem& p);
+// Core tokens of groups [p.group_begin, p.group_end).
+void pool(const PoolProblem& p);
+// OpenMP team size for a problem asking for `threads` (0 = all).
+int thread_count(int threads);
+
+}  // namespace cca::cpu

@@ -1,0 +1,238 @@
+// `cca bench attention`: wall time and useful GFLOP/s of attn_fwd for each variant over a list of
+// sequence lengths, on random inputs. Useful FLOPs = 4 D Hq B (visible keys summed over queries),
+// counted with the same policy (visible_keys) the kernels use, so masked-out work never counts.
+// cca times include pooling (attn_fwd pools, then attends).
+#include <time.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "cca/cca.hpp"
+#include "commands.hpp"
+
+namespace cca {
+namespace {
+
+struct BenchArgs {
+  int threads = 0;
+  bool json = false;
+  std::string backend = "cpu";
+  std::vector<int64_t> t_list = {1024, 2048, 4096, 8192, 16384, 32768};
+  std::vector<std::string> variants = {"full", "sliding", "streaming", "lminfinite", "cca"};
+  int64_t batch = 1, heads = 8, kv_heads = 8, dim = 64, group = 16, window = 1024, sinks = 4;
+  std::string dtype = "float32";
+  int reps = 3;
+};
+
+DType parse_bench_dtype(const std::string& s) {
+  for (DType t : {DType::f32, DType::f16, DType::bf16})
+    if (s == dtype_name(t)) return t;
+  throw Error("invalid --dtype '" + s + "' (expected float32, float16 or bfloat16)");
+}
+
+VariantSpec bench_variant(VariantKind kind, const BenchArgs& a) {
+  switch (kind) {
+    case VariantKind::full:
+      return VariantSpec::full();
+    case VariantKind::sliding:
+      return VariantSpec::sliding(a.window);
+    case VariantKind::streaming:
+      return VariantSpec::streaming(a.sinks, a.window);
+    case VariantKind::lminfinite:
+      return VariantSpec::lminfinite(a.sinks, a.window);
+    case VariantKind::cca:
+      return VariantSpec::cca(a.group, a.window);
+  }
+  return VariantSpec::full();
+}
+
+// 4 D Hq B times the number of (query, visible key) pairs.
+double useful_flops(const VariantSpec& v, int64_t B, int64_t T, int64_t Hq, int64_t D) {
+  double pairs = 0;
+  for (int64_t t = 0; t < T; ++t) pairs += double(visible_keys(v, t).count());
+  return 4.0 * double(D) * double(Hq) * double(B) * pairs;
+}
+
+// A [B, T, H, D] tensor of uniform values in [-1, 1), never all zeros; `seed` picks the stream.
+struct RandomTensor {
+  std::vector<char> bytes;
+  TensorView view;
+  RandomTensor(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, uint64_t seed) {
+    bytes.resize(size_t(B * T * H * D * dtype_size(dt)));
+    view = make_view(bytes.data(), dt, {B, T, H, D});
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    const int64_t n = view.numel();
+    for (int64_t i = 0; i < n; ++i) {  // splitmix64: fast, and plenty for benchmark inputs
+      uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      view.store(i, float(double(z >> 40) * 0x1.0p-23 - 1.0));
+    }
+  }
+};
+
+// CPU seconds used by this process so far (all threads).
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+double median(std::vector<double> x) {
+  std::sort(x.begin(), x.end());
+  const size_t n = x.size();
+  return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+void check_args(const BenchArgs& a) {
+  auto need = [](bool ok, const std::string& what) { check(ok, "invalid " + what); };
+  need(a.threads >= 0, "--threads " + std::to_string(a.threads) + ": must be >= 0 (0 = all)");
+  need(a.reps >= 1, "--reps " + std::to_string(a.reps) + ": must be >= 1");
+  need(a.batch >= 1, "--batch " + std::to_string(a.batch) + ": must be >= 1");
+  need(a.heads >= 1, "--heads " + std::to_string(a.heads) + ": must be >= 1");
+  need(a.kv_heads >= 1 && a.heads % a.kv_heads == 0, "--kv-heads " + std::to_string(a.kv_heads) +
+                                                         ": must be >= 1 and divide --heads " +
+                                                         std::to_string(a.heads));
+  need(a.dim >= 1, "--dim " + std::to_string(a.dim) + ": must be >= 1");
+  need(!a.t_list.empty(), "--t-list: needs at least one length");
+  for (int64_t T : a.t_list) need(T >= 1, "--t-list entry " + std::to_string(T) + ": must be >= 1");
+  need(!a.variants.empty(), "--variants: needs at least one variant");
+}
+
+void run_bench_attention(const BenchArgs& a) {
+  check_args(a);
+  const DType dt = parse_bench_dtype(a.dtype);
+  const BackendKind backend = parse_backend(a.backend);
+  std::vector<VariantKind> kinds;
+  for (const std::string& name : a.variants) kinds.push_back(parse_variant(name));
+  for (VariantKind k : kinds) bench_variant(k, a).validate();
+  const std::string why = backend_unavailable_reason(backend);
+  check(why.empty(), std::string("backend ") + backend_name(backend) + " unavailable: " + why);
+  // Inputs live in host memory; the backend interface has no host-to-device copy yet.
+  check(backend != BackendKind::cuda,
+        "bench attention --backend cuda is not supported yet: the benchmark's inputs are in host "
+        "memory");
+
+  if (!a.json) {
+    std::printf(
+        "attn_fwd: backend %s, threads %s, B=%lld Hq=%lld Hkv=%lld D=%lld %s, "
+        "cca g=%lld s=%lld, sliding/streaming/lminfinite window=%lld sinks=%lld, "
+        "median of %d after 1 warm-up\n",
+        a.backend.c_str(), a.threads ? std::to_string(a.threads).c_str() : "all",
+        (long long)a.batch, (long long)a.heads, (long long)a.kv_heads, (long long)a.dim,
+        dtype_name(dt), (long long)a.group, (long long)a.window, (long long)a.window,
+        (long long)a.sinks, a.reps);
+    std::printf("%-11s %7s %11s %9s %15s %10s\n", "variant", "T", "ms", "GFLOP/s",
+                "speedup_vs_full", "cores_busy");
+  }
+  for (int64_t T : a.t_list) {
+    RandomTensor q(dt, a.batch, T, a.heads, a.dim, 1), k(dt, a.batch, T, a.kv_heads, a.dim, 2),
+        v(dt, a.batch, T, a.kv_heads, a.dim, 3), out(dt, a.batch, T, a.heads, a.dim, 4);
+    double full_ms = NAN;
+    for (VariantKind kind : kinds) {
+      AttnFwdParams p;
+      p.q = q.view;
+      p.k = k.view;
+      p.v = v.view;
+      p.out = out.view;
+      p.variant = bench_variant(kind, a);
+      p.run.backend = backend;
+      p.run.threads = a.threads;
+      std::vector<double> ms;
+      double cpu_s = 0, wall_s = 0;
+      for (int rep = 0; rep <= a.reps; ++rep) {  // rep 0 is the warm-up
+        const double c0 = process_cpu_seconds();
+        const auto t0 = std::chrono::steady_clock::now();
+        attn_fwd(p);
+        const auto t1 = std::chrono::steady_clock::now();
+        const double c1 = process_cpu_seconds();
+        if (rep == 0) continue;
+        ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        cpu_s += c1 - c0;
+        wall_s += std::chrono::duration<double>(t1 - t0).count();
+      }
+      // Cores busy on average: below the thread count means the threads waited for the CPU
+      // (other processes on the machine), so the time is not a clean measurement.
+      const double cores = cpu_s / wall_s;
+      // A broken kernel must not pass for a fast one: every output value must be finite.
+      for (int64_t i = 0, n = out.view.numel(); i < n; ++i)
+        check(std::isfinite(out.view.load(i)),
+              std::string("bench: ") + variant_name(kind) + " produced a non-finite output");
+      const double t_ms = median(ms);
+      const double flops = useful_flops(p.variant, a.batch, T, a.heads, a.dim);
+      const double gflops = flops / (t_ms * 1e6);
+      if (kind == VariantKind::full) full_ms = t_ms;
+      const double speedup = kind == VariantKind::cca ? full_ms / t_ms : NAN;
+      if (a.json) {
+        nlohmann::json j = {{"bench", "attention"},
+                            {"backend", a.backend},
+                            {"variant", variant_name(kind)},
+                            {"describe", p.variant.describe()},
+                            {"T", T},
+                            {"B", a.batch},
+                            {"Hq", a.heads},
+                            {"Hkv", a.kv_heads},
+                            {"D", a.dim},
+                            {"dtype", dtype_name(dt)},
+                            {"threads", a.threads},
+                            {"reps", a.reps},
+                            {"ms", t_ms},
+                            {"useful_gflop", flops * 1e-9},
+                            {"gflops", gflops},
+                            {"cores_busy", cores}};
+        if (!std::isnan(speedup)) j["speedup_vs_full"] = speedup;
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        char sp[32] = "";
+        if (!std::isnan(speedup)) std::snprintf(sp, sizeof sp, "%.2fx", speedup);
+        std::printf("%-11s %7lld %11.2f %9.2f %15s %10.2f\n", variant_name(kind), (long long)T,
+                    t_ms, gflops, sp, cores);
+      }
+      std::fflush(stdout);
+    }
+  }
+}
+
+}  // namespace
+
+void register_bench_command(CLI::App& app) {
+  auto args = std::make_shared<BenchArgs>();
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  CLI::App* cmd = bench->add_subcommand(
+      "attention", "Time attn_fwd for each variant over sequence lengths (random inputs)");
+  cmd->add_option("--threads", args->threads, "CPU threads (0 = all)")->capture_default_str();
+  cmd->add_flag("--json", args->json, "print one JSON object per measurement");
+  cmd->add_option("--backend", args->backend, "ref, cpu or cuda")->capture_default_str();
+  cmd->add_option("--t-list", args->t_list, "sequence lengths T, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--variants", args->variants, "variants to time, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--batch", args->batch, "batch size B")->capture_default_str();
+  cmd->add_option("--heads", args->heads, "query heads Hq")->capture_default_str();
+  cmd->add_option("--kv-heads", args->kv_heads, "key/value heads Hkv")->capture_default_str();
+  cmd->add_option("--dim", args->dim, "head dim D")->capture_default_str();
+  cmd->add_option("--group", args->group, "cca group size g")->capture_default_str();
+  cmd->add_option("--window", args->window,
+                  "cca local window s; the window of sliding/streaming/lminfinite")
+      ->capture_default_str();
+  cmd->add_option("--sinks", args->sinks, "sinks of streaming, global branch of lminfinite")
+      ->capture_default_str();
+  cmd->add_option("--dtype", args->dtype, "float32, float16 or bfloat16")->capture_default_str();
+  cmd->add_option("--reps", args->reps, "timed repetitions (median reported)")
+      ->capture_default_str();
+  cmd->callback([args] { run_bench_attention(*args); });
+}
+
+}  // namespace cca
