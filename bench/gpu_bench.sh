@@ -3,7 +3,8 @@
 # compute-sanitizer memcheck on a small case, then timings of the cuda backend and its PyTorch
 # peers, and the merged table (printed last). Run from anywhere on a machine with a GPU,
 # nvcc, CMake and PyTorch. Logs and JSON lines go to $OUT (default out/gpu_bench).
-#   STAGES="build test sanitize bench peers"  (default: all)   QUICK=1: small sizes only
+#   STAGES="build test sanitize bench peers"  (default; "tiles" adds the portable-kernel A/B)
+#   QUICK=1: small sizes only; BENCH_ARGS / PEER_ARGS / TILES_ARGS / TEST_FILTER override.
 #   Debian .debs in .deps/ (gtest, CLI11, nlohmann-json, ...) are unpacked to /opt/deps first
 #   when the machine lacks them (the device machine has no package access).
 set -uo pipefail
@@ -50,7 +51,7 @@ fi
 
 if has test; then
   echo "== GPU tests"
-  timeout 420 "${TESTS:-$BUILD/cca_tests}" --gtest_filter="${TEST_FILTER:-*Cuda*:*cuda*:*Consistency*}" \
+  timeout ${TEST_TIMEOUT:-420} "${TESTS:-$BUILD/cca_tests}" --gtest_filter="${TEST_FILTER:-*Cuda*:*cuda*:*Consistency*}" \
     >"$OUT/tests.log" 2>&1
   echo "tests exit $?"
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |tests? ran|FAILED TEST" "$OUT/tests.log" | tail -15
@@ -72,13 +73,10 @@ if has bench; then
   "$BUILD/cca_cuda_bench" $args ${BENCH_ARGS:-} | tee "$OUT/ours.jsonl"
 fi
 
-if has tiles4; then  # tile experiment: 4 warps (64 query rows) per attend block
-  echo "== attend with CCA_ATTEND_WARPS=4"
-  cmake -S . -B "$BUILD-w4" -DCMAKE_BUILD_TYPE=Release -DCCA_CUDA_ARCHS=${CCA_CUDA_ARCHS:-90a} \
-    -DCMAKE_CUDA_FLAGS=-DCCA_ATTEND_WARPS=4 ${PREFIX:-} >"$OUT/configure-w4.log" 2>&1 &&
-    cmake --build "$BUILD-w4" -j"$(nproc)" --target cca_cuda_bench >"$OUT/build-w4.log" 2>&1 &&
-    "$BUILD-w4/cca_cuda_bench" --t-list 32768,131072 --heads 32:32 --decode-ctx "" \
-      | sed 's/cca_cuda/cca_cuda_w4/' | tee "$OUT/w4.jsonl"
+if has tiles; then  # A/B: the portable mma.sync tile kernel with the sm_90a wgmma path off
+  echo "== attend with CCA_CUDA_WGMMA=0 (portable tile kernel)"
+  CCA_CUDA_WGMMA=0 "$BUILD/cca_cuda_bench" ${TILES_ARGS:---t-list 32768,131072 --heads 32:32 --decode-ctx ""} \
+    | sed 's/"cca_cuda"/"cca_cuda_tiles"/' | tee "$OUT/tiles.jsonl"
 fi
 
 if has peers; then

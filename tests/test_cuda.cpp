@@ -195,7 +195,7 @@ TEST(CudaDecode, SplitsAgreeWithTiles) {
   const int64_t B = 2, T = 3000, Hq = 8, Hkv = 2, D = 128;
   for (const VariantSpec& v :
        {VariantSpec::cca(16, 300), VariantSpec::streaming(4, 500), VariantSpec::full()})
-    for (int64_t n : {1, 2}) {  // n * Hq/Hkv <= 8 query rows per KV head
+    for (int64_t n : {1, 2, 4}) {  // n * Hq/Hkv <= 16 query rows per KV head
       SCOPED_TRACE(variant_tag(v) + "_n" + std::to_string(n));
       Rng rng(seed_of(variant_tag(v)) + uint64_t(n));
       Qkv x = make_qkv(B, T, Hq, Hkv, D, DType::bf16, Layout::contiguous, rng);
@@ -236,6 +236,71 @@ TEST(CudaDecode, SplitsAgreeWithTiles) {
         expect_close(outs[i + 1].view, outs[1].view, 1e-4, 1e-5, "decode lse");
       }
     }
+}
+
+// The Hopper wgmma/TMA path and the portable tile kernel compute the same rows (prefill and a
+// chunk at an offset, every segment kind, GQA, D 64/128, both dtypes, tails of odd length).
+// Skips, saying so, where the wgmma path does not apply (not an sm_90a build on a 9.0 GPU).
+TEST(CudaAttend, WgmmaAgreesWithTiles) {
+  CCA_REQUIRE_GPU();
+  struct Case {
+    int64_t B, T, n, Hq, Hkv, D;
+    DType dt;
+    VariantSpec v;
+  };
+  const Case cases[] = {
+      {2, 1000, 1000, 8, 2, 128, DType::bf16, VariantSpec::cca(16, 300)},
+      {1, 1537, 401, 4, 4, 128, DType::f16,
+       VariantSpec::cca(5, 77, PoolMode::cca, PoolHeads::query)},
+      {1, 777, 777, 4, 1, 64, DType::f16, VariantSpec::streaming(4, 100)},
+      {1, 333, 333, 2, 2, 128, DType::bf16, VariantSpec::full()},
+      {2, 600, 130, 4, 2, 64, DType::bf16, VariantSpec::sliding(150)},
+  };
+  bool ran = false;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(variant_tag(c.v) + "_T" + std::to_string(c.T) + "_n" + std::to_string(c.n) +
+                 "_D" + std::to_string(c.D));
+    Rng rng(seed_of(variant_tag(c.v)) + uint64_t(c.T));
+    Qkv x = make_qkv(c.B, c.T, c.Hq, c.Hkv, c.D, c.dt, Layout::contiguous, rng);
+    const int64_t m = core_tokens_needed(c.v, c.T);
+    const int64_t Hc = c.v.core_heads(c.Hq, c.Hkv);
+    Tensor kc = alloc(c.dt, {c.B, std::max<int64_t>(m, 1), Hc, c.D});
+    Tensor vc = alloc(c.dt, {c.B, std::max<int64_t>(m, 1), Hc, c.D});
+    fill_normal(kc.view, rng);
+    fill_normal(vc.view, rng);
+    OnDevice dq(x.q, Device::cuda), dk(x.k, Device::cuda), dv(x.v, Device::cuda),
+        dkc(kc, Device::cuda), dvc(vc, Device::cuda);
+    AttendProblem p;
+    p.q = dq.view().slice(1, c.T - c.n, c.n);
+    p.q_pos0 = c.T - c.n;
+    if (m > 0) p.core = KvSegment{dkc.view().slice(1, 0, m), dvc.view().slice(1, 0, m), 0};
+    p.sink = p.local = KvSegment{dk.view(), dv.view(), 0};
+    p.variant = c.v;
+    p.scale = c.v.scale_for(c.D);
+    std::vector<Tensor> outs;
+    for (int mode = 0; mode < 2; ++mode) {
+      Tensor out = alloc(c.dt, {c.B, c.n, c.Hq, c.D}), lse = alloc(DType::f32, {c.B, c.Hq, c.n});
+      OnDevice dout(out, Device::cuda), dlse(lse, Device::cuda);
+      p.out = dout.view();
+      p.lse = dlse.view();
+      if (mode == 0) {
+        cuda::launch_attend_tiles(p, nullptr);
+      } else if (!cuda::launch_attend_wgmma(p, nullptr)) {
+        break;
+      }
+      dout.download();
+      dlse.download();
+      EXPECT_TRUE(fully_written(out));
+      EXPECT_TRUE(fully_written(lse));
+      outs.push_back(out);
+      outs.push_back(lse);
+    }
+    if (outs.size() < 4) continue;
+    ran = true;
+    expect_close(outs[2].view, outs[0].view, 1.6e-2, 4e-3, "wgmma out");
+    expect_close(outs[3].view, outs[1].view, 1e-4, 1e-5, "wgmma lse");
+  }
+  if (!ran) GTEST_SKIP() << "the wgmma path does not apply here (needs sm_90a code on a 9.0 GPU)";
 }
 
 // copy_tensor between strided device views (the KV cache's ring appends).

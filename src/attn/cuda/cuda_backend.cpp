@@ -90,7 +90,7 @@ class CudaBackend final : public Backend {
     a.out = scratch.aligned(p.out, false);
     if (decode_rows(a) <= DecodeTile::kMaxRows)
       launch_attend_decode(a, stream);
-    else
+    else if (!launch_attend_wgmma(a, stream))
       launch_attend_tiles(a, stream);
     if (a.out.data != p.out.data) launch_copy_tensor(p.out, a.out, stream);
   }

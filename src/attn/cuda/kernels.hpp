@@ -13,6 +13,10 @@ int64_t decode_rows(const AttendProblem& p);
 
 // Tensor-core tile kernel (prefill, chunked prefill). Needs 16-byte aligned rows.
 void launch_attend_tiles(const AttendProblem& p, cudaStream_t stream);
+// Hopper path (wgmma + TMA, sm_90a): launches and returns true where it applies (sm_90a device
+// code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_WGMMA != 0); returns
+// false, launching nothing, otherwise.
+bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream);
 // Split-KV decode for few query rows; `splits` <= 0 picks the split count from the GPU size.
 void launch_attend_decode(const AttendProblem& p, cudaStream_t stream, int splits = 0);
 void launch_pool(const PoolProblem& p, cudaStream_t stream);

@@ -28,14 +28,22 @@ struct AttendTile {
   static constexpr int kSmemBytes = (kBlockM + kStages * 2 * kBlockN) * D * 2;
 };
 
-// Split-KV decode: kWarps warps, D/8 lanes per key (16-byte loads), kUnroll keys per key group
-// per step; at most kMaxRows query rows (queries x heads sharing a KV head) per block.
+// Split-KV decode (mma.sync with the query rows as the M dimension): kWarps warps, each takes
+// 16 of the kBlockN keys of a tile; tiles stream through kStages cp.async stages; at most
+// kMaxRows query rows (queries x heads sharing a KV head) per block; kBlocksPerSm blocks are
+// resident per SM (102 KB of shared memory each at D = 128) and the split count fills them.
 struct DecodeTile {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kUnroll = 4;
-  static constexpr int kMaxRows = 8;
-  static constexpr int kMinKeysPerSplit = 128;
+  static constexpr int kBlockN = 16 * kWarps;
+  static constexpr int kStages = 3;
+  static constexpr int kMaxRows = 16;
+  static constexpr int kBlocksPerSm = 2;
+  static constexpr int kMinKeysPerSplit = 256;
+  template <int D>
+  static constexpr int smem_bytes() {
+    return (kMaxRows + kStages * 2 * kBlockN) * D * 2;
+  }
 };
 
 // Pooling: one warp per (batch, group, core head), D/8 lanes per key.

@@ -1,0 +1,380 @@
+// attend on Hopper (sm_90a): FlashAttention-3-style tiles. A block owns 128 query rows of one
+// (batch, head): two consumer warpgroups of 64 rows each run S = Q K^T (wgmma, Q and K from
+// shared memory) and O += P V (wgmma, P from registers, V from shared memory, N-major), and a
+// producer warpgroup (one thread) streams K/V tiles with bulk tensor copies (TMA, 128-byte
+// swizzle) through a kStages-deep mbarrier pipeline; setmaxnreg moves the producer's registers
+// to the consumers. Each consumer issues the next tile's Q K^T right behind its P V, so the
+// tensor cores run the two products back to back; with kPingPong the two warpgroups also take
+// turns issuing Q K^T (named barriers), which keeps one's softmax under the other's products.
+// The key loop is the tile kernel's: the policy's segments (core, sink, local) flattened into
+// one sequence of 128-key blocks, blocks no row sees skipped, only boundary blocks masked.
+// Needs sm_90a device code and tensor maps the driver accepts; otherwise launch_attend_wgmma
+// returns false and the portable tile kernel runs.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "attend_args.cuh"
+#include "cuda_check.hpp"
+#include "device_utils.cuh"
+#include "kernels.hpp"
+#include "tile_config.hpp"
+#include "wgmma.cuh"
+
+namespace cca::cuda {
+namespace {
+
+template <int D>
+struct WgTile {
+  static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;  // warpgroups 0, 1 consumers, 2 producer (one thread)
+  static constexpr int kAtoms = D / 64;  // 128-byte swizzle atoms (64 elements) along D
+  static constexpr int kTileBytes = kBlockN * D * 2;
+  static constexpr int kSmemBytes = (kBlockM * D + kStages * 2 * kBlockN * D) * 2 + 1024;
+};
+
+struct WgMaps {
+  CUtensorMap q, k[3], v[3];
+};
+
+// q [B, n, Hq, D]; grid (ceil(n / 128), Hq, B).
+template <typename T, int D, bool kPingPong>
+__global__ void __launch_bounds__(384, 1)
+    attend_wgmma_kernel(const __grid_constant__ WgMaps maps, const AttendArgs a) {
+#ifdef CCA_SM90A
+  using Tile = WgTile<D>;
+  constexpr int kM = Tile::kBlockM, kN = Tile::kBlockN, kStages = Tile::kStages;
+  constexpr int kAtoms = Tile::kAtoms;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * kStages + 1];  // full[s], empty[s], q
+  // 1024-byte aligned base: the 128-byte swizzle repeats every 8 rows of 128 bytes.
+  const uint32_t s0 = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t sQ = s0;                                   // [kAtoms][kM][64]
+  const uint32_t sK = sQ + kM * D * 2;                      // [kStages][kAtoms][kN][64]
+  const uint32_t sV = sK + kStages * Tile::kTileBytes;      // [kStages][kAtoms][kN][64]
+  const uint32_t bar0 = smem_addr(bars);
+  auto full_bar = [&](int s) { return bar0 + 8 * s; };
+  auto empty_bar = [&](int s) { return bar0 + 8 * (kStages + s); };
+  const uint32_t q_bar = bar0 + 8 * (2 * kStages);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile = gridDim.x - 1 - blockIdx.x;  // the longest rows (latest tiles) start first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int row0 = tile * kM;
+  const int rows_here = min(kM, a.n - row0);
+  const int64_t t_first = a.q_pos0 + row0, t_last = t_first + rows_here - 1;
+
+  // Segment ranges (monotone in t): the union over the tile is [lo(first), hi(last)), the keys
+  // every row sees [lo(last), hi(first)). Blocks of all segments form one sequence.
+  int64_t lo[3], hi[3], full_lo[3], full_hi[3];
+  int nb[3];
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+    seg_range(visible_keys(a.variant, t_first), s, lo[s], full_hi[s]);
+    seg_range(visible_keys(a.variant, t_last), s, full_lo[s], hi[s]);
+    nb[s] = hi[s] > lo[s] ? int((hi[s] - lo[s] + kN - 1) / kN) : 0;
+  }
+  const int nb01 = nb[0] + nb[1], nbt = nb01 + nb[2];
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar(s), 1);
+      mbar_init(empty_bar(s), 2);  // one arrive per consumer warpgroup
+    }
+    mbar_init(q_bar, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // producer warpgroup: one thread issues the copies
+    setmaxnreg_dec<24>();
+    if (warp == 8 && lane == 0) {
+      mbar_arrive_expect_tx(q_bar, kM * D * 2);
+#pragma unroll
+      for (int at = 0; at < kAtoms; ++at)
+        tma_load_4d(sQ + at * kM * 128, &maps.q, q_bar, at * 64, row0, h, b);
+      for (int i = 0; i < nbt; ++i) {
+        const int stage = i % kStages;
+        mbar_wait(empty_bar(stage), ((i / kStages) & 1) ^ 1);
+        const int s = i < nb[0] ? 0 : (i < nb01 ? 1 : 2);
+        const int j = i - (s == 0 ? 0 : (s == 1 ? nb[0] : nb01));
+        const int64_t p0 = (s == 0 ? lo[0] : (s == 1 ? lo[1] : lo[2])) + int64_t(j) * kN;
+        const SegArgs& sg = a.seg[s];
+        const int row = int(p0 - sg.pos0), kvh = h / (a.Hq / sg.heads);
+        mbar_arrive_expect_tx(full_bar(stage), 2 * Tile::kTileBytes);
+#pragma unroll
+        for (int at = 0; at < kAtoms; ++at) {
+          tma_load_4d(sK + stage * Tile::kTileBytes + at * kN * 128, &maps.k[s], full_bar(stage),
+                      at * 64, row, kvh, b);
+          tma_load_4d(sV + stage * Tile::kTileBytes + at * kN * 128, &maps.v[s], full_bar(stage),
+                      at * 64, row, kvh, b);
+        }
+      }
+    }
+  } else {
+  setmaxnreg_inc<240>();
+  // Consumers: warpgroup wg owns rows 64 wg .. 64 wg + 63; this thread rows ra and rb = ra + 8
+  // (m16n8 layout per warp). Rows past the end of q behave as the last row (not stored).
+  const int wg = warp >> 2;
+  const int ra = wg * 64 + (warp & 3) * 16 + (lane >> 2), rb = ra + 8;
+  const int64_t ta = min(t_first + ra, t_last), tb = min(t_first + rb, t_last);
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+  uint32_t pf[kN / 16][4];
+  float sc[kN / 8][4];
+
+  // Ping-pong: warpgroup w waits on barrier 1 + w before issuing Q K^T and then lets the
+  // other go; warpgroup 1 opens warpgroup 0's first turn and skips its own last hand-over, so
+  // every barrier sees as many arrivals as syncs.
+  if (kPingPong && wg == 1) named_bar_arrive(1, 256);
+  mbar_wait(q_bar, 0);
+  for (int i = 0; i < nbt; ++i) {
+    const int stage = i % kStages;
+    mbar_wait(full_bar(stage), (i / kStages) & 1);
+    if (kPingPong) named_bar_sync(1 + wg, 256);
+    // S = Q K^T: 64 rows x kN keys, D / 16 steps of k = 16 (32 bytes inside a swizzle atom).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t dq =
+          gmma_desc_sw128(sQ + (kk / 4) * kM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t dk = gmma_desc_sw128(
+          sK + stage * Tile::kTileBytes + (kk / 4) * kN * 128 + (kk % 4) * 32, 16, 1024);
+      wgmma_ss_n128<T>(sc, dq, dk, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    if (kPingPong && !(wg == 1 && i == nbt - 1)) named_bar_arrive(2 - wg, 256);
+    wgmma_wait<0>();  // this S and the previous P V
+    reg_fence(sc);
+    reg_fence(acc);
+    if (i > 0 && (tid & 127) == 0) mbar_arrive(empty_bar((i - 1) % kStages));
+
+    const int s = i < nb[0] ? 0 : (i < nb01 ? 1 : 2);
+    const int j = i - (s == 0 ? 0 : (s == 1 ? nb[0] : nb01));
+    const int64_t p0 = (s == 0 ? lo[0] : (s == 1 ? lo[1] : lo[2])) + int64_t(j) * kN;
+    const int64_t f_lo = s == 0 ? full_lo[0] : (s == 1 ? full_lo[1] : full_lo[2]);
+    const int64_t f_hi = s == 0 ? full_hi[0] : (s == 1 ? full_hi[1] : full_hi[2]);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[nt][e] *= a.scale_log2;
+    if (!(p0 >= f_lo && p0 + kN <= f_hi)) {  // some row of the tile misses some key
+      int64_t a_lo, a_hi, b_lo, b_hi;
+      seg_range(visible_keys(a.variant, ta), s, a_lo, a_hi);
+      seg_range(visible_keys(a.variant, tb), s, b_lo, b_hi);
+      const int64_t base = p0 + 2 * (lane & 3);
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t pos = base + nt * 8 + (e & 1);
+          const bool ok = e < 2 ? (pos >= a_lo && pos < a_hi) : (pos >= b_lo && pos < b_hi);
+          if (!ok) sc[nt][e] = -INFINITY;
+        }
+    }
+
+    // Online softmax (log2 domain); rows are spread over the 4 lanes of a quad.
+    float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
+      mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+    }
+    const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // no key yet: keep zeros, no NaN
+    const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
+    const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+    m_a = mx_a;
+    m_b = mx_b;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      sc[nt][0] = exp2f(sc[nt][0] - base_a);
+      sc[nt][1] = exp2f(sc[nt][1] - base_a);
+      sc[nt][2] = exp2f(sc[nt][2] - base_b);
+      sc[nt][3] = exp2f(sc[nt][3] - base_b);
+      sum_a += sc[nt][0] + sc[nt][1];
+      sum_b += sc[nt][2] + sc[nt][3];
+    }
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      acc[dt][0] *= corr_a;
+      acc[dt][1] *= corr_a;
+      acc[dt][2] *= corr_b;
+      acc[dt][3] *= corr_b;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      pf[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pf[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pf[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pf[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+    // O += P V: k = 16 keys per step (2048 bytes of V rows); N = D over D / 64 atoms (LBO).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint64_t dv =
+          gmma_desc_sw128(sV + stage * Tile::kTileBytes + kk * 16 * 128, kN * 128, 1024);
+      if constexpr (D == 128)
+        wgmma_rs_n128_tn<T>(acc, pf[kk], dv);
+      else
+        wgmma_rs_n64_tn<T>(acc, pf[kk], dv);
+    }
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+  reg_fence(acc);
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+  }
+  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+  T* out = static_cast<T*>(a.out) + b * a.o_sb + h * a.o_sh;
+  const int col = 2 * (lane & 3);
+  if (ra < rows_here) {
+    T* o = out + int64_t(row0 + ra) * a.o_st + col;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(o + dt * 8) = pack2<T>(acc[dt][0] * inv_a, acc[dt][1] * inv_a);
+  }
+  if (rb < rows_here) {
+    T* o = out + int64_t(row0 + rb) * a.o_st + col;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(o + dt * 8) = pack2<T>(acc[dt][2] * inv_b, acc[dt][3] * inv_b);
+  }
+  if (a.lse && (lane & 3) == 0) {
+    float* lse = a.lse + b * a.l_sb + h * a.l_sh;
+    if (ra < rows_here) lse[int64_t(row0 + ra) * a.l_st] = SoftmaxState{m_a, l_a}.lse();
+    if (rb < rows_here) lse[int64_t(row0 + rb) * a.l_st] = SoftmaxState{m_b, l_b}.lse();
+  }
+  }  // consumers
+#else
+  __trap();  // never launched: the host checks for sm_90a device code first
+#endif
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// Tensor map of a [B, rows, H, D] view, boxes of 64 x box_rows with the 128-byte swizzle.
+bool encode_map(CUtensorMap& m, const TensorView& t, int box_rows) {
+  auto fn = encode_fn();
+  if (!fn || !t.data) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(t.shape[3]), cuuint64_t(t.shape[1]),
+                              cuuint64_t(t.shape[2]), cuuint64_t(t.shape[0])};
+  cuuint64_t strides[3];
+  for (int i = 0; i < 3; ++i) {
+    const int vd = i == 0 ? 1 : (i == 1 ? 2 : 0);  // dims[i + 1] is view dim 1, 2, 0
+    // A dimension of size 1 is never stepped: give it a legal stride.
+    const int64_t st = t.shape[vd] == 1 ? 16 / 2 : t.stride[vd];
+    if (st <= 0) return false;
+    strides[i] = cuuint64_t(st) * 2;
+    if (strides[i] % 16 != 0) return false;
+  }
+  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt = t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return fn(&m, dt, 4, t.data, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// CCA_CUDA_WGMMA=0 turns the path off, CCA_CUDA_PINGPONG=0 the warpgroup ping-pong (A/B
+// timing, debugging); anything else leaves them on.
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::strcmp(e, "0") == 0);
+}
+bool wgmma_enabled() {
+  static const bool on = env_on("CCA_CUDA_WGMMA");
+  return on;
+}
+bool pingpong_enabled() {
+  static const bool on = env_on("CCA_CUDA_PINGPONG");
+  return on;
+}
+
+}  // namespace
+
+bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream) {
+  if (!wgmma_enabled()) return false;
+  const int64_t D = p.q.shape[3];
+  if (D != 64 && D != 128) return false;
+  if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return false;
+  const AttendArgs args = make_attend_args(p);
+  for (const SegArgs& s : args.seg)
+    if (s.rows > (int64_t(1) << 30)) return false;  // TMA coordinates are 32-bit
+  WgMaps maps;
+  std::memset(&maps, 0, sizeof(maps));
+  if (!encode_map(maps.q, p.q, 128)) return false;
+  const KvSegment* segs[3] = {&p.core, &p.sink, &p.local};
+  for (int s = 0; s < 3; ++s) {
+    if (segs[s]->rows() == 0) continue;
+    if (!encode_map(maps.k[s], segs[s]->k, 128) || !encode_map(maps.v[s], segs[s]->v, 128))
+      return false;
+  }
+  bool launched = false;
+  const bool pingpong = pingpong_enabled();
+  dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {
+    using T = typename decltype(type_tag)::type;
+    constexpr int kD = decltype(dim_tag)::value;
+    using Tile = WgTile<kD>;
+    static_assert(Tile::kAtoms * 64 == kD && Tile::kTileBytes * 2 * Tile::kStages <= 200 * 1024,
+                  "the pipeline must fit the 227 KB of shared memory a block can have");
+    auto kernel = pingpong ? attend_wgmma_kernel<T, kD, true> : attend_wgmma_kernel<T, kD, false>;
+    // Only where the loaded image is sm_90a code (binaryVersion 90) on a 9.0 device.
+    static const bool usable = [&] {
+      int dev = 0, major = 0, minor = 0;
+      cudaFuncAttributes fa{};
+      if (cudaGetDevice(&dev) != cudaSuccess ||
+          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+          cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+          cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+      }
+      if (major != 9 || minor != 0 || fa.binaryVersion != 90) return false;
+      CCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Tile::kSmemBytes));
+      return true;
+    }();
+    if (!usable) return;
+    const dim3 grid(unsigned((args.n + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(args.Hq),
+                    unsigned(args.B));
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(maps, args);
+    CCA_CUDA_CHECK_LAUNCH("attend_wgmma_kernel");
+    launched = true;
+  });
+  return launched;
+}
+
+}  // namespace cca::cuda
