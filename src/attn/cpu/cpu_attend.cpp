@@ -329,6 +329,7 @@ void attend(const AttendProblem& p) {
   check_problem(p);
   const int64_t B = p.q.shape[0], n = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
   if (B == 0 || n == 0) return;
+  if (prefers_decode_path(p)) return attend_decode(p);
   const int64_t tiles = (n + kBlockM - 1) / kBlockM, items = B * Hq * tiles;
   const int nthreads = int(std::min<int64_t>(thread_count(p.threads), items));
   const int64_t per_thread = (TileState::floats(D) + 15) / 16 * 16;

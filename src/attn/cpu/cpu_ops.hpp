@@ -6,6 +6,10 @@ namespace cca::cpu {
 
 // Tiled online-softmax attention over the core/sink/local segments of `p` (backend.hpp).
 void attend(const AttendProblem& p);
+// Few queries per KV head (decoding): rows vectorised over D, each K/V row read once per KV head.
+constexpr int64_t kDecodeMaxRows = 16;  // n * Hq/Hkv at or below this takes attend_decode
+bool prefers_decode_path(const AttendProblem& p);
+void attend_decode(const AttendProblem& p);
 // Core tokens of groups [p.group_begin, p.group_end).
 void pool(const PoolProblem& p);
 // OpenMP team size for a problem asking for `threads` (0 = all).
