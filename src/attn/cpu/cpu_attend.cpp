@@ -322,7 +322,22 @@ void check_problem(const AttendProblem& p) {
 
 }  // namespace
 
-int thread_count(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+int thread_count(int threads, int64_t items, double flops) {
+  // A thread costs a fork/join (and, on a busy machine, a wait for a core): give each at least
+  // kMinFlopsPerThread of work, so decode steps and tiny problems stay on the calling thread.
+  constexpr double kMinFlopsPerThread = 4e6;
+  const int64_t want = threads > 0 ? threads : omp_get_max_threads();
+  const int64_t useful = std::max<int64_t>(1, int64_t(flops / kMinFlopsPerThread));
+  return int(std::max<int64_t>(1, std::min({want, items, useful})));
+}
+
+// Useful FLOPs of `p` (4 D per visible key and query), counted from its first and last queries.
+double attend_flops(const AttendProblem& p) {
+  const int64_t n = p.q.shape[1];
+  const double keys = 0.5 * double(visible_keys(p.variant, p.q_pos0).count() +
+                                   visible_keys(p.variant, p.q_pos0 + n - 1).count());
+  return 4.0 * double(p.q.shape[0] * p.q.shape[2] * p.q.shape[3] * n) * keys;
+}
 
 // q [B, n, Hq, D] at positions q_pos0..; segments [B, rows, Hkv or Hc, D]; out [B, n, Hq, D].
 void attend(const AttendProblem& p) {
@@ -331,7 +346,7 @@ void attend(const AttendProblem& p) {
   if (B == 0 || n == 0) return;
   if (prefers_decode_path(p)) return attend_decode(p);
   const int64_t tiles = (n + kBlockM - 1) / kBlockM, items = B * Hq * tiles;
-  const int nthreads = int(std::min<int64_t>(thread_count(p.threads), items));
+  const int nthreads = thread_count(p.threads, items, attend_flops(p));
   const int64_t per_thread = (TileState::floats(D) + 15) / 16 * 16;
   AlignedFloats scratch(per_thread * nthreads);
 

@@ -93,7 +93,7 @@ bool prefers_decode_path(const AttendProblem& p) {
 void attend_decode(const AttendProblem& p) {
   const int64_t B = p.q.shape[0], n = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
   const int64_t Hkv = p.local.k.shape[2], r = Hq / Hkv, items = B * Hkv, nrows = n * r;
-  const int nthreads = int(std::min<int64_t>(thread_count(p.threads), items));
+  const int nthreads = thread_count(p.threads, items, attend_flops(p));
   const bool core_per_query_head = p.variant.pool_heads == PoolHeads::query;
   const float qscale = p.scale * 1.4426950408889634f;
   const KvSegment* segs[3] = {&p.core, &p.sink, &p.local};

@@ -12,7 +12,8 @@ bool prefers_decode_path(const AttendProblem& p);
 void attend_decode(const AttendProblem& p);
 // Core tokens of groups [p.group_begin, p.group_end).
 void pool(const PoolProblem& p);
-// OpenMP team size for a problem asking for `threads` (0 = all).
-int thread_count(int threads);
+// OpenMP team size for `items` work items and `flops` of work, asking for `threads` (0 = all).
+int thread_count(int threads, int64_t items, double flops);
+double attend_flops(const AttendProblem& p);
 
 }  // namespace cca::cpu

@@ -74,7 +74,8 @@ void pool(const PoolProblem& p) {
   const bool per_query = p.variant.pool_heads == PoolHeads::query;
   const int64_t Hc = per_query ? Hq : Hkv, nh = per_query ? 1 : r;  // query heads per core head
   const int64_t items = B * count * Hc;
-  const int nthreads = int(std::min<int64_t>(thread_count(p.threads), items));
+  // About 4 FLOPs per key/value element of a group (weights, two weighted sums).
+  const int nthreads = thread_count(p.threads, items, 4.0 * double(items * g * D) * double(nh + 1));
   // Per thread: nh query rows, nh x g logits, g weights, a key row, a value row, two sums.
   const int64_t per_thread = (nh * D + nh * g + g + 4 * D + 15) / 16 * 16;
   AlignedFloats scratch(per_thread * nthreads);
