@@ -1,0 +1,404 @@
+// The model runtime against Hugging Face: float32 logits of the fixture checkpoints (Llama with GQA
+// and llama3 rope, Mistral with head_dim != hidden/heads and linear rope, Qwen2 with q/k/v bias
+// and tied embeddings; bf16 sharded, f32, f16) for full attention and CCA, greedy continuations,
+// perplexity; config parsing; the cache-memory rule; the sampler.
+// Parity measure: max |ours - HF| / max |HF| over all logits <= 1e-4.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include "cca/error.hpp"
+#include "model/random_model.hpp"
+#include "model/rope.hpp"
+#include "model/runner.hpp"
+#include "model/sampler.hpp"
+#include "temp_dir.hpp"
+#include "test_model_util.hpp"
+
+namespace cca {
+namespace {
+
+using test::ModelFixture;
+
+constexpr double kLogitTolerance = 1e-4;  // relative to the largest |logit|
+const char* const kModels[] = {"llama", "mistral", "qwen2"};
+
+// Each fixture model is loaded once for the whole binary.
+const model::Model& fixture_model(const std::string& name) {
+  static std::map<std::string, std::unique_ptr<model::Model>> cache;
+  auto& m = cache[name];
+  if (!m) m = std::make_unique<model::Model>(test::model_fixture_dir(name));
+  return *m;
+}
+
+model::SessionOptions session_opts(const VariantSpec& v, int64_t chunk) {
+  model::SessionOptions o;
+  o.variant = v;
+  o.chunk = chunk;
+  o.threads = 1;  // ctest runs tests side by side on few cores
+  return o;
+}
+
+// ---- config.json -------------------------------------------------------------------------------
+
+TEST(ModelConfig, ParsesTheFixtureConfigs) {
+  const model::ModelConfig l = model::load_model_config(test::model_fixture_dir("llama"));
+  EXPECT_EQ(l.arch, model::Arch::llama);
+  EXPECT_EQ(l.num_heads, 4);
+  EXPECT_EQ(l.num_kv_heads, 2);
+  EXPECT_EQ(l.head_dim, 16);
+  EXPECT_EQ(l.rope.type, model::RopeType::llama3);
+  EXPECT_EQ(l.rope.factor, 8.0);
+  EXPECT_EQ(l.rope.original_max_positions, 64);
+  EXPECT_FALSE(l.tie_word_embeddings);
+  EXPECT_FALSE(l.qkv_bias);
+  EXPECT_EQ(l.max_position_embeddings, 256);
+
+  const model::ModelConfig m = model::load_model_config(test::model_fixture_dir("mistral"));
+  EXPECT_EQ(m.arch, model::Arch::mistral);
+  EXPECT_EQ(m.head_dim, 32);  // explicit, not hidden / heads = 16
+  EXPECT_EQ(m.num_kv_heads, 1);
+  EXPECT_EQ(m.rope.type, model::RopeType::linear);
+  EXPECT_EQ(m.rope.factor, 2.0);
+  EXPECT_EQ(m.sliding_window, 0);
+
+  const model::ModelConfig q = model::load_model_config(test::model_fixture_dir("qwen2"));
+  EXPECT_EQ(q.arch, model::Arch::qwen2);
+  EXPECT_TRUE(q.qkv_bias);
+  EXPECT_FALSE(q.o_bias);
+  EXPECT_TRUE(q.tie_word_embeddings);
+  EXPECT_EQ(q.rope.type, model::RopeType::standard);
+  EXPECT_EQ(q.rope.theta, 1e6);
+  EXPECT_DOUBLE_EQ(q.rms_norm_eps, 1e-6);
+}
+
+// transformers 4 spelling: rope_theta at the top, rope_scaling with "type" or "rope_type".
+TEST(ModelConfig, ParsesLegacyRopeKeys) {
+  const std::string base = R"("architectures": ["LlamaForCausalLM"], "vocab_size": 100,
+      "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+      "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 4096,
+      "rope_theta": 500000.0, "eos_token_id": [5, 6])";
+  auto c = model::parse_model_config(
+      "{" + base + R"(, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}})",
+      "cfg");
+  EXPECT_EQ(c.rope.type, model::RopeType::llama3);
+  EXPECT_EQ(c.rope.theta, 500000.0);
+  EXPECT_EQ(c.rope.original_max_positions, 8192);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{5, 6}));
+  c = model::parse_model_config(
+      "{" + base + R"(, "rope_scaling": {"type": "linear", "factor": 4}})", "cfg");
+  EXPECT_EQ(c.rope.type, model::RopeType::linear);
+  EXPECT_EQ(c.rope.factor, 4.0);
+  c = model::parse_model_config("{" + base + R"(, "rope_scaling": null, "attention_bias": true})",
+                                "cfg");
+  EXPECT_EQ(c.rope.type, model::RopeType::standard);
+  EXPECT_TRUE(c.qkv_bias && c.o_bias);
+}
+
+void expect_config_error(const std::string& json, const std::string& needle) {
+  try {
+    model::parse_model_config(json, "config.json");
+    ADD_FAILURE() << "accepted: " << json;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' does not name '" << needle << "'";
+  }
+}
+
+TEST(ModelConfig, RejectsBadConfigsByName) {
+  const std::string sizes = R"("vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+      "num_hidden_layers": 1, "num_attention_heads": 4)";
+  expect_config_error(R"({"architectures": ["GPT2LMHeadModel"], )" + sizes + "}",
+                      "GPT2LMHeadModel");
+  expect_config_error(R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100})",
+                      "hidden_size");
+  expect_config_error(
+      R"({"architectures": ["LlamaForCausalLM"], )" + sizes + R"(, "num_key_value_heads": 3})",
+      "num_key_value_heads");
+  expect_config_error(R"({"architectures": ["LlamaForCausalLM"], )" + sizes +
+                          R"(, "rope_scaling": {"rope_type": "yarn", "factor": 4}})",
+                      "yarn");
+  expect_config_error(
+      R"({"architectures": ["LlamaForCausalLM"], )" + sizes + R"(, "hidden_act": "gelu"})", "gelu");
+  expect_config_error(
+      R"({"architectures": ["LlamaForCausalLM"], )" + sizes + R"(, "hidden_size": "64"})",
+      "hidden_size");
+  expect_config_error(R"({"architectures": ["LlamaForCausalLM"], )" + sizes +
+                          R"(, "rope_scaling": {"rope_type": "llama3", "factor": 8}})",
+                      "low_freq_factor");
+  expect_config_error("{not json", "not valid JSON");
+}
+
+TEST(ModelConfig, GenerationConfigEosIntOrList) {
+  auto g = model::parse_generation_config(R"({"eos_token_id": 7, "do_sample": true, "top_p": 0.9})",
+                                          "g");
+  EXPECT_EQ(g.eos_token_ids, (std::vector<int64_t>{7}));
+  EXPECT_TRUE(g.do_sample);
+  EXPECT_DOUBLE_EQ(g.top_p, 0.9);
+  g = model::parse_generation_config(R"({"eos_token_id": [128001, 128008, 128009]})", "g");
+  EXPECT_EQ(g.eos_token_ids, (std::vector<int64_t>{128001, 128008, 128009}));
+  EXPECT_THROW(model::parse_generation_config(R"({"eos_token_id": "x"})", "g"), Error);
+  const auto fixture = model::load_generation_config(
+      test::model_fixture_dir("qwen2"), model::load_model_config(test::model_fixture_dir("qwen2")));
+  EXPECT_EQ(fixture.eos_token_ids, (std::vector<int64_t>{7, 8}));
+  EXPECT_EQ(fixture.top_k, 20);
+}
+
+// ---- rotary frequencies ------------------------------------------------------------------------
+
+TEST(ModelRope, InverseFrequenciesMatchHuggingFace) {
+  for (const char* name : kModels) {
+    const model::Model& m = fixture_model(name);
+    NpyArray ref = read_npy(test::model_fixture_dir(name) + "/inv_freq.npy");
+    ASSERT_EQ(ref.numel(), m.config().head_dim / 2) << name;
+    const TensorView v = ref.view();
+    for (int64_t i = 0; i < ref.numel(); ++i)
+      EXPECT_NEAR(m.rope().inv_freq()[size_t(i)], v.load(i), 1e-6 * std::fabs(v.load(i)))
+          << name << " frequency " << i;
+  }
+}
+
+// ---- parity with Hugging Face ------------------------------------------------------------------
+
+struct ParityCase {
+  const char* model;
+  bool cca;
+  int64_t chunk;    // 1: token-by-token decode through the caches
+  int threads = 1;  // 2: products split by rows (chunks >= 32) or by columns
+};
+
+class ModelParity : public ::testing::TestWithParam<ParityCase> {};
+
+TEST_P(ModelParity, LogitsMatchHuggingFace) {
+  const ParityCase c = GetParam();
+  const ModelFixture f = test::load_model_fixture(c.model);
+  const model::Model& m = fixture_model(c.model);
+  int64_t T = 0, V = 0;
+  const std::vector<float> ref =
+      test::read_logits(f.dir + (c.cca ? "/logits_cca.npy" : "/logits_full.npy"), &T, &V);
+  ASSERT_EQ(T, int64_t(f.prompt.size()));
+  ASSERT_EQ(V, m.config().vocab_size);
+  model::SessionOptions opt = session_opts(c.cca ? f.cca : VariantSpec::full(), c.chunk);
+  opt.threads = c.threads;
+  const std::vector<float> ours = test::run_logits(m, f.prompt, opt);
+  const double rel = test::relative_max_diff(ours, ref);
+  char shown[32];
+  std::snprintf(shown, sizeof shown, "%.3g", rel);
+  RecordProperty("relative_max_diff", shown);  // in --gtest_output=xml
+  EXPECT_LE(rel, kLogitTolerance) << c.model << (c.cca ? " cca" : " full") << " chunk " << c.chunk;
+}
+
+std::string parity_name(const ::testing::TestParamInfo<ParityCase>& i) {
+  return std::string(i.param.model) + (i.param.cca ? "_cca" : "_full") + "_chunk" +
+         std::to_string(i.param.chunk) + "_threads" + std::to_string(i.param.threads);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, ModelParity,
+    ::testing::Values(ParityCase{"llama", false, 256}, ParityCase{"llama", true, 256},
+                      ParityCase{"llama", false, 7}, ParityCase{"llama", true, 7},
+                      ParityCase{"llama", true, 1}, ParityCase{"mistral", false, 256},
+                      ParityCase{"mistral", true, 256}, ParityCase{"mistral", true, 5},
+                      ParityCase{"qwen2", false, 256}, ParityCase{"qwen2", true, 256},
+                      ParityCase{"qwen2", true, 3}, ParityCase{"llama", true, 40, 2},
+                      ParityCase{"mistral", false, 7, 2}),
+    parity_name);
+
+// CCA really differs from full attention on these prompts (else the cca parity proves little).
+TEST(ModelParityFixtures, CcaDiffersFromFull) {
+  for (const char* name : kModels) {
+    const std::string dir = test::model_fixture_dir(name);
+    int64_t T = 0, V = 0;
+    const auto full = test::read_logits(dir + "/logits_full.npy", &T, &V);
+    const auto cca = test::read_logits(dir + "/logits_cca.npy", &T, &V);
+    EXPECT_GT(test::relative_max_diff(cca, full), 100 * kLogitTolerance) << name;
+  }
+}
+
+class ModelGreedy : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ModelGreedy, ContinuationsMatchHuggingFace) {
+  const ModelFixture f = test::load_model_fixture(GetParam());
+  const model::Model& m = fixture_model(GetParam());
+  for (bool cca : {false, true}) {
+    model::Session s(m, session_opts(cca ? f.cca : VariantSpec::full(), 16));
+    model::Sampler greedy(model::SamplingParams{});
+    model::GenerateOptions go;
+    go.max_new_tokens = int64_t(f.greedy_full.size());
+    go.progress = false;
+    const model::GenerateResult r = model::generate(s, f.prompt, greedy, go);
+    EXPECT_EQ(r.tokens, cca ? f.greedy_cca : f.greedy_full)
+        << GetParam() << (cca ? " cca" : " full");
+    EXPECT_EQ(r.stop_reason, "max new tokens");
+    EXPECT_EQ(s.length(), int64_t(f.prompt.size() + f.greedy_full.size()) - 1);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ModelGreedy, ::testing::ValuesIn(kModels));
+
+TEST(ModelPerplexity, EqualsTheNllOfTheFixtureLogits) {
+  for (const char* name : kModels) {
+    const ModelFixture f = test::load_model_fixture(name);
+    const model::Model& m = fixture_model(name);
+    for (bool cca : {false, true}) {
+      int64_t T = 0, V = 0;
+      const auto logits =
+          test::read_logits(f.dir + (cca ? "/logits_cca.npy" : "/logits_full.npy"), &T, &V);
+      const double want = test::mean_nll_from_logits(logits, V, f.prompt);
+      const model::NllResult r = model::perplexity(
+          m, f.prompt, 0, session_opts(cca ? f.cca : VariantSpec::full(), 9), false);
+      EXPECT_EQ(r.tokens, T - 1);
+      EXPECT_NEAR(r.mean_nll(), want, 1e-4) << name << (cca ? " cca" : " full");
+      EXPECT_NEAR(r.ppl(), std::exp(want), 1e-4 * std::exp(want));
+      // The script's own value, computed in PyTorch.
+      const double script = f.ref[cca ? "nll_cca" : "nll_full"]["mean_nll"].get<double>();
+      EXPECT_NEAR(r.mean_nll(), script, 1e-4) << name;
+    }
+  }
+}
+
+// Windows of --ctx tokens: each runs from empty caches; full attention is causal, so the first
+// window's NLL is the fixture's first rows.
+TEST(ModelPerplexity, WindowsRestartTheContext) {
+  const ModelFixture f = test::load_model_fixture("llama");
+  const model::Model& m = fixture_model("llama");
+  const model::NllResult r =
+      model::perplexity(m, f.prompt, 16, session_opts(VariantSpec::full(), 256), false);
+  EXPECT_EQ(r.tokens, 15 + 15 + 7);  // windows of 16, 16 and 8 tokens
+  const model::TokenIds first(f.prompt.begin(), f.prompt.begin() + 16);
+  int64_t T = 0, V = 0;
+  const auto logits = test::read_logits(f.dir + "/logits_full.npy", &T, &V);
+  const model::NllResult w =
+      model::perplexity(m, first, 0, session_opts(VariantSpec::full(), 256), false);
+  EXPECT_NEAR(w.mean_nll(), test::mean_nll_from_logits(logits, V, first), 1e-4);
+  EXPECT_THROW(model::perplexity(m, {5}, 0, session_opts(VariantSpec::full(), 256), false), Error);
+}
+
+// ---- cache memory ------------------------------------------------------------------------------
+
+// kv_cache_bytes (what `cca info` prints) agrees with what the caches actually hold.
+TEST(ModelKvMemory, FormulaMatchesTheCaches) {
+  test::TempDir dir;
+  model::RandomModelSpec spec;
+  spec.config = model::small_llama_config(2, 32, 4, 2, 48, 64, 4096);
+  model::write_random_model(dir.path().string(), spec);
+  const model::Model m(dir.path().string());
+  const VariantSpec variants[] = {
+      VariantSpec::full(),           VariantSpec::sliding(10),
+      VariantSpec::streaming(3, 10), VariantSpec::lminfinite(4, 9),
+      VariantSpec::cca(4, 8),        VariantSpec::cca(5, 3, PoolMode::cca, PoolHeads::query)};
+  model::TokenIds ids(157);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t((i * 37) % 64);
+  for (const VariantSpec& v : variants) {
+    model::Session s(m, session_opts(v, 13));
+    int64_t done = 0;
+    for (int64_t n : {1, 6, 25, 64, 61}) {
+      s.forward(ids.data() + done, n, {});
+      done += n;
+      EXPECT_EQ(s.kv_bytes(), model::kv_cache_bytes(m.config(), v, done, 4))
+          << v.describe() << " after " << done << " tokens";
+    }
+  }
+  // The cca rule at 128K, g = 16, s = 1024: floor(n/g) + s tokens per kv head.
+  const int64_t n = 131072, per_token = 2 * 2 * 2 * 8 * 4;  // layers, k+v, Hkv, D, bytes
+  EXPECT_EQ(model::kv_cache_bytes(m.config(), VariantSpec::cca(16, 1024), n, 4),
+            (n / 16 + 1024) * per_token);
+  EXPECT_EQ(model::kv_cache_bytes(m.config(), VariantSpec::full(), n, 4), n * per_token);
+}
+
+// ---- sampling ----------------------------------------------------------------------------------
+
+TEST(ModelSampler, GreedyTopKTopPAndSeeds) {
+  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 0.5f};
+  model::Sampler greedy(model::SamplingParams{});
+  EXPECT_EQ(greedy.next(logits), 1);
+  model::SamplingParams p;
+  p.greedy = false;
+  p.top_k = 1;
+  EXPECT_EQ(model::Sampler(p).next(logits), 1);
+  p.top_k = 0;
+  p.top_p = 0.01;
+  EXPECT_EQ(model::Sampler(p).next(logits), 1);
+  // top-k 2 only ever picks the two best.
+  p.top_p = 1.0;
+  p.top_k = 2;
+  p.seed = 3;
+  model::Sampler two(p);
+  for (int i = 0; i < 200; ++i) {
+    const int32_t t = two.next(logits);
+    EXPECT_TRUE(t == 1 || t == 3) << t;
+  }
+  // Same seed, same sequence; the frequencies follow softmax(logits / T).
+  p.top_k = 0;
+  p.temperature = 0.5;
+  model::Sampler a(p), b(p);
+  const std::vector<float> two_way = {0.f, float(0.5 * std::log(3.0))};  // p = 1/4, 3/4 at T = 0.5
+  int ones = 0;
+  const int draws = 20000;
+  for (int i = 0; i < draws; ++i) {
+    const int32_t x = a.next(two_way);
+    EXPECT_EQ(x, b.next(two_way));
+    ones += x;
+  }
+  EXPECT_NEAR(double(ones) / draws, 0.75, 0.015);
+  p.temperature = 0;
+  EXPECT_THROW(model::Sampler{p}, Error);
+  p.temperature = 1;
+  p.top_p = 1.5;
+  EXPECT_THROW(model::Sampler{p}, Error);
+}
+
+TEST(ModelRunner, PromptLimitAndTokenIds) {
+  const model::ModelConfig cfg = model::load_model_config(test::model_fixture_dir("llama"));
+  EXPECT_NO_THROW(model::check_prompt_length(256, 256, cfg));
+  EXPECT_NO_THROW(model::check_prompt_length(100000, 0, cfg));
+  try {
+    model::check_prompt_length(300, 256, cfg);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("300"), std::string::npos) << m;
+    EXPECT_NE(m.find("max_position_embeddings"), std::string::npos) << m;
+    EXPECT_NE(m.find("--allow-long-prompt"), std::string::npos) << m;
+  }
+  EXPECT_EQ(model::parse_token_ids(" 1 2\n30\t4 ", "x"), (model::TokenIds{1, 2, 30, 4}));
+  EXPECT_THROW(model::parse_token_ids("1 2 x3", "x"), Error);
+  EXPECT_THROW(model::parse_token_ids("1 -2", "x"), Error);
+  EXPECT_THROW(model::parse_token_ids("  \n", "x"), Error);
+  // An id outside the vocabulary is an error, not a read past the embedding.
+  model::Session s(fixture_model("llama"), session_opts(VariantSpec::full(), 8));
+  const int32_t bad[] = {3, 512};
+  EXPECT_THROW(s.forward(bad, 2, {}), Error);
+}
+
+// A random bf16 checkpoint written by the C++ writer loads (converted to float32), and an f32 one
+// is used in place from the mapping; both give the same logits up to bf16 rounding of weights.
+TEST(ModelWeights, ConvertsOrMapsByDtype) {
+  test::TempDir dir;
+  model::RandomModelSpec spec;
+  spec.config = model::small_llama_config(1, 32, 2, 1, 40, 50, 512);
+  spec.config.tie_word_embeddings = true;
+  spec.dtype = DType::bf16;
+  model::write_random_model(dir.file("bf16"), spec);
+  spec.dtype = DType::f32;
+  model::write_random_model(dir.file("f32"), spec);
+  const model::Model a(dir.file("bf16")), b(dir.file("f32"));
+  EXPECT_GT(a.weights().converted_bytes(), 0);
+  EXPECT_EQ(a.weights().mapped_bytes(), 0);
+  EXPECT_EQ(b.weights().converted_bytes(), 0);
+  EXPECT_EQ(b.weights().mapped_bytes(), a.weights().converted_bytes());
+  EXPECT_EQ(a.weights().parameter_count(),  // embed, 2 norms, q k v o, mlp, final norm (tied head)
+            50 * 32 + 2 * 32 + (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32) + 3 * 40 * 32 + 32);
+  const model::TokenIds ids = {1, 7, 9, 44, 3, 2};
+  const auto la = test::run_logits(a, ids, session_opts(VariantSpec::full(), 4));
+  const auto lb = test::run_logits(b, ids, session_opts(VariantSpec::full(), 4));
+  EXPECT_LT(test::relative_max_diff(la, lb), 0.05);
+  EXPECT_GT(test::relative_max_diff(la, lb), 0.0);  // bf16 rounding did change the weights
+}
+
+}  // namespace
+}  // namespace cca

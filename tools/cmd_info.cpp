@@ -1,0 +1,113 @@
+// `cca info`: what a model directory holds (architecture, parameters, checkpoint dtypes) and the
+// KV cache each attention variant needs at 32K and 128K tokens, computed from the cache rules.
+// Reads only the headers of the checkpoint: no weights are converted.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "cca/error.hpp"
+#include "commands.hpp"
+#include "model/runner.hpp"
+#include "model/safetensors.hpp"
+#include "model/weights.hpp"
+#include "model_cli.hpp"
+
+namespace cca {
+namespace {
+
+struct InfoArgs {
+  ModelRunFlags run;
+  bool json = false;
+};
+
+constexpr int64_t kLengths[] = {32768, 131072};
+constexpr int64_t kCacheElemBytes = 4;  // the runtime's caches hold float32
+
+void run_info(const InfoArgs& a) {
+  const model::ModelConfig cfg = model::load_model_config(a.run.model);
+  const model::Checkpoint ck = model::Checkpoint::open(a.run.model);
+  model::check_tensors(ck, cfg);
+  const model::GenerationConfig gen = model::load_generation_config(a.run.model, cfg);
+
+  int64_t params = 0;
+  for (const auto& e : model::expected_tensors(cfg)) params += ck.find(e.name)->numel();
+  std::map<std::string, int64_t> dtype_counts;
+  for (const auto& [name, t] : ck.tensors()) ++dtype_counts[dtype_name(t.dtype)];
+  std::string dtypes;
+  for (const auto& [d, n] : dtype_counts) dtypes += (dtypes.empty() ? "" : ", ") + d;
+  std::error_code ec;
+  const bool has_tok =
+      std::filesystem::is_regular_file(std::filesystem::path(a.run.model) / "tokenizer.json", ec);
+
+  std::vector<VariantSpec> variants;
+  for (VariantKind k : {VariantKind::full, VariantKind::sliding, VariantKind::streaming,
+                        VariantKind::lminfinite, VariantKind::cca})
+    variants.push_back(variant_with_flags(k, a.run));
+
+  if (a.json) {
+    nlohmann::json j;
+    j["model"] = a.run.model;
+    j["architecture"] = model::arch_name(cfg.arch);
+    j["layers"] = cfg.num_layers;
+    j["hidden_size"] = cfg.hidden_size;
+    j["num_heads"] = cfg.num_heads;
+    j["num_kv_heads"] = cfg.num_kv_heads;
+    j["head_dim"] = cfg.head_dim;
+    j["vocab_size"] = cfg.vocab_size;
+    j["max_position_embeddings"] = cfg.max_position_embeddings;
+    j["parameters"] = params;
+    j["checkpoint_files"] = ck.files().size();
+    j["checkpoint_bytes"] = ck.total_bytes();
+    j["weights_f32_bytes"] = params * 4;
+    j["tokenizer"] = has_tok;
+    j["eos_token_ids"] = gen.eos_token_ids;
+    for (const VariantSpec& v : variants)
+      for (int64_t n : kLengths)
+        j["kv_bytes"][variant_name(v.kind)][std::to_string(n)] =
+            model::kv_cache_bytes(cfg, v, n, kCacheElemBytes);
+    std::printf("%s\n", j.dump().c_str());
+    return;
+  }
+  std::printf("model:        %s\n", a.run.model.c_str());
+  std::printf("architecture: %s\n", cfg.describe().c_str());
+  std::printf("parameters:   %lld (%.3f B)\n", (long long)params, double(params) / 1e9);
+  std::printf("checkpoint:   %zu file(s), %zu tensors, %s, %s\n", ck.files().size(),
+              ck.tensors().size(), dtypes.c_str(), format_bytes(double(ck.total_bytes())).c_str());
+  std::printf("weights:      %s as float32 in memory\n", format_bytes(double(params) * 4).c_str());
+  std::printf("tokenizer:    %s\n", has_tok ? "tokenizer.json" : "none (use --ids)");
+  std::string eos;
+  for (int64_t id : gen.eos_token_ids) eos += (eos.empty() ? "" : " ") + std::to_string(id);
+  std::printf("stop tokens:  %s\n", eos.empty() ? "none" : eos.c_str());
+  std::printf("\nKV cache, float32 keys and values of all %lld layers:\n",
+              (long long)cfg.num_layers);
+  std::printf("  %-44s %14s %14s\n", "variant", "32K tokens", "128K tokens");
+  for (const VariantSpec& v : variants) {
+    std::string cells;
+    for (int64_t n : kLengths) {
+      const double b = double(model::kv_cache_bytes(cfg, v, n, kCacheElemBytes));
+      const double full =
+          double(model::kv_cache_bytes(cfg, VariantSpec::full(), n, kCacheElemBytes));
+      char cell[64];
+      std::snprintf(cell, sizeof cell, " %9s %3.0f%%", format_bytes(b).c_str(), 100.0 * b / full);
+      cells += cell;
+    }
+    std::printf("  %-44s%s\n", v.describe().c_str(), cells.c_str());
+  }
+}
+
+}  // namespace
+
+void register_info_command(CLI::App& app) {
+  auto a = std::make_shared<InfoArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "info", "Architecture, parameters and per-variant KV cache memory of a model directory");
+  add_model_flags(cmd, a->run, false);
+  cmd->add_flag("--json", a->json, "print one JSON object");
+  cmd->callback([a] { run_info(*a); });
+}
+
+}  // namespace cca

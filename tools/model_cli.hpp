@@ -1,0 +1,69 @@
+// Flags and helpers shared by the model subcommands (generate, perplexity, info, bench model):
+// the attention variant, threads and chunking, the context limit, the tokenizer of a model dir.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cca/variant.hpp"
+#include "model/config.hpp"
+#include "model/transformer.hpp"
+
+namespace CLI {
+class App;
+}
+
+namespace cca {
+
+struct ModelRunFlags {
+  std::string model;
+  std::string variant = "cca";
+  int64_t group = 16, window = 1024, sinks = 4;
+  std::string pool = "cca", pool_heads = "kv";
+  int threads = 0;
+  int64_t chunk = 256;
+  int64_t max_context = 0;  // 0: the model's max_position_embeddings
+  bool allow_long_prompt = false;
+  bool no_progress = false;
+
+  VariantSpec variant_spec() const;  // validated
+  model::SessionOptions session_options() const;
+  // The context limit in tokens (0 = none): --allow-long-prompt, else --max-context, else the
+  // model's max_position_embeddings.
+  int64_t context_limit(const model::ModelConfig& cfg) const;
+};
+
+// --model (required) and the variant parameters (--group --window --sinks --pool --pool-heads);
+// with `run` also --variant, --threads, --chunk, --no-progress and the context limit flags.
+void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run);
+
+// The variant of `kind` with the flags' parameters (sliding/streaming/lminfinite use --window and
+// --sinks, cca --group/--window/--pool/--pool-heads).
+VariantSpec variant_with_flags(VariantKind kind, const ModelRunFlags& f);
+
+// The model directory's tokenizer.json, loaded by the tokenizer library.
+class TextTokenizer {
+ public:
+  // Throws cca::Error when the directory has no tokenizer.json, naming `why_needed`.
+  static std::unique_ptr<TextTokenizer> load(const std::string& model_dir,
+                                             const std::string& why_needed);
+  ~TextTokenizer();
+  model::TokenIds encode(const std::string& text, bool add_special) const;
+  std::string decode(const model::TokenIds& ids, bool skip_special) const;
+  int32_t eos_id() const;  // -1 when the tokenizer names none
+
+ private:
+  struct Impl;
+  explicit TextTokenizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Reads a whole text file (cca::Error naming `flag` and the path when it cannot).
+std::string read_input_file(const std::string& path, const std::string& flag);
+
+// Formats bytes as "12.3 MiB".
+std::string format_bytes(double bytes);
+
+}  // namespace cca
