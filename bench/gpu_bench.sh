@@ -61,7 +61,7 @@ fi
 if has sanitize; then
   echo "== compute-sanitizer memcheck (small cases)"
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "${TESTS:-$BUILD/cca_tests}" \
-    --gtest_filter='*CudaAttn*T333*:*CudaAttn*T5_*:CudaPool*:CudaDecode.CopyTensorStrided' \
+    --gtest_filter="${SANITIZE_FILTER:-*CudaAttn*T333*:*CudaAttn*T5_*:CudaPool*:CudaDecode.*:CudaAttend.*}" \
     >"$OUT/memcheck.log" 2>&1
   echo "memcheck exit $?"
   grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/memcheck.log" | head -12
