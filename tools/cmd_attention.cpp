@@ -18,18 +18,13 @@
 #include "cca/device.hpp"
 #include "commands.hpp"
 #include "npy.hpp"
+#include "variant_flags.hpp"
 
 namespace cca {
 namespace {
 
-struct AttentionArgs {
+struct AttentionArgs : VariantFlags {
   std::string q, k, v, out, lse;
-  std::string variant = variant_name(VariantSpec{}.kind);
-  int64_t group = VariantSpec{}.group;
-  int64_t window = VariantSpec{}.window;
-  int64_t sinks = VariantSpec{}.sinks;
-  std::string pool = pool_name(VariantSpec{}.pool);
-  std::string pool_heads = pool_heads_name(VariantSpec{}.pool_heads);
   std::string scale;  // empty: 1/sqrt(D)
   std::string backend = "cpu";
   std::string mode = "prefill";
@@ -121,13 +116,7 @@ NpyArray read_input(const std::string& path, const char* name) {
 
 void run_attention(const AttentionArgs& a) {
   // Every check runs before any computation or output.
-  VariantSpec spec;
-  spec.kind = parse_variant(a.variant);
-  spec.group = a.group;
-  spec.window = a.window;
-  spec.sinks = a.sinks;
-  spec.pool = parse_pool(a.pool);
-  spec.pool_heads = parse_pool_heads(a.pool_heads);
+  VariantSpec spec = a.spec();
   if (!a.scale.empty()) spec.scale = parse_scale(a.scale);
   spec.validate();
   const int64_t chunk = parse_mode(a.mode);
@@ -210,17 +199,7 @@ void register_attention_command(CLI::App& app) {
   cmd->add_option("--v", args->v, "values [B, T, Hkv, D]")->required();
   cmd->add_option("--out", args->out, "output [B, T, Hq, D], dtype of q")->required();
   cmd->add_option("--lse", args->lse, "also write the log-sum-exp, float32 [B, Hq, T]");
-  cmd->add_option("--variant", args->variant, "full, sliding, streaming, lminfinite or cca")
-      ->capture_default_str();
-  cmd->add_option("--group", args->group, "cca group size g")->capture_default_str();
-  cmd->add_option("--window", args->window,
-                  "cca local window s; the window of sliding/streaming; lminfinite's local branch")
-      ->capture_default_str();
-  cmd->add_option("--sinks", args->sinks, "streaming sinks; lminfinite's global branch")
-      ->capture_default_str();
-  cmd->add_option("--pool", args->pool, "cca pooling: cca, mean or max")->capture_default_str();
-  cmd->add_option("--pool-heads", args->pool_heads, "pool per kv head or per query head")
-      ->capture_default_str();
+  add_variant_flags(cmd, *args, /*with_variant=*/true);
   cmd->add_option("--scale", args->scale, "softmax scale (default 1/sqrt(D))");
   cmd->add_option("--backend", args->backend, "ref, cpu or cuda")->capture_default_str();
   cmd->add_option("--mode", args->mode,

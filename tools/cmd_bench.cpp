@@ -17,17 +17,18 @@
 #include "backend.hpp"
 #include "cca/cca.hpp"
 #include "commands.hpp"
+#include "variant_flags.hpp"
 
 namespace cca {
 namespace {
 
-struct BenchArgs {
+struct BenchArgs : VariantFlags {
   int threads = 0;
   bool json = false;
   std::string backend = "cpu";
   std::vector<int64_t> t_list = {1024, 2048, 4096, 8192, 16384, 32768};
   std::vector<std::string> variants = {"full", "sliding", "streaming", "lminfinite", "cca"};
-  int64_t batch = 1, heads = 8, kv_heads = 8, dim = 64, group = 16, window = 1024, sinks = 4;
+  int64_t batch = 1, heads = 8, kv_heads = 8, dim = 64;
   std::string dtype = "float32";
   int reps = 3;
 };
@@ -36,22 +37,6 @@ DType parse_bench_dtype(const std::string& s) {
   for (DType t : {DType::f32, DType::f16, DType::bf16})
     if (s == dtype_name(t)) return t;
   throw Error("invalid --dtype '" + s + "' (expected float32, float16 or bfloat16)");
-}
-
-VariantSpec bench_variant(VariantKind kind, const BenchArgs& a) {
-  switch (kind) {
-    case VariantKind::full:
-      return VariantSpec::full();
-    case VariantKind::sliding:
-      return VariantSpec::sliding(a.window);
-    case VariantKind::streaming:
-      return VariantSpec::streaming(a.sinks, a.window);
-    case VariantKind::lminfinite:
-      return VariantSpec::lminfinite(a.sinks, a.window);
-    case VariantKind::cca:
-      return VariantSpec::cca(a.group, a.window);
-  }
-  return VariantSpec::full();
 }
 
 // 4 D Hq B times the number of (query, visible key) pairs.
@@ -114,7 +99,7 @@ void run_bench_attention(const BenchArgs& a) {
   const BackendKind backend = parse_backend(a.backend);
   std::vector<VariantKind> kinds;
   for (const std::string& name : a.variants) kinds.push_back(parse_variant(name));
-  for (VariantKind k : kinds) bench_variant(k, a).validate();
+  for (VariantKind k : kinds) a.spec_for(k);  // validates
   const std::string why = backend_unavailable_reason(backend);
   check(why.empty(), std::string("backend ") + backend_name(backend) + " unavailable: " + why);
   // Inputs live in host memory; the backend interface has no host-to-device copy yet.
@@ -144,7 +129,7 @@ void run_bench_attention(const BenchArgs& a) {
       p.k = k.view;
       p.v = v.view;
       p.out = out.view;
-      p.variant = bench_variant(kind, a);
+      p.variant = a.spec_for(kind);
       p.run.backend = backend;
       p.run.threads = a.threads;
       std::vector<double> ms;
@@ -223,12 +208,7 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--heads", args->heads, "query heads Hq")->capture_default_str();
   cmd->add_option("--kv-heads", args->kv_heads, "key/value heads Hkv")->capture_default_str();
   cmd->add_option("--dim", args->dim, "head dim D")->capture_default_str();
-  cmd->add_option("--group", args->group, "cca group size g")->capture_default_str();
-  cmd->add_option("--window", args->window,
-                  "cca local window s; the window of sliding/streaming/lminfinite")
-      ->capture_default_str();
-  cmd->add_option("--sinks", args->sinks, "sinks of streaming, global branch of lminfinite")
-      ->capture_default_str();
+  add_variant_flags(cmd, *args, /*with_variant=*/false);
   cmd->add_option("--dtype", args->dtype, "float32, float16 or bfloat16")->capture_default_str();
   cmd->add_option("--reps", args->reps, "timed repetitions (median reported)")
       ->capture_default_str();

@@ -23,6 +23,7 @@
 
 #include "cca/error.hpp"
 #include "commands.hpp"
+#include "variant_flags.hpp"
 #include "model/random_model.hpp"
 #include "model_cli.hpp"
 
@@ -33,13 +34,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct BenchModelArgs {
+struct BenchModelArgs : VariantFlags {
   std::string model;       // empty: a random model
   std::string save_model;  // where to write (and keep) the random model
   int64_t layers = 4, hidden = 256, heads = 4, kv_heads = 4, intermediate = 688, vocab = 4096;
   int64_t prompt = 16384, gen = 32, chunk = 256;
   std::vector<std::string> variants = {"full", "cca"};
-  int64_t group = 16, window = 1024, sinks = 4;
   int threads = 0;
   int64_t repeat = 3;
   bool json = false;
@@ -112,7 +112,7 @@ void run_bench_model(const BenchModelArgs& a) {
     check(out.good(), "cannot write " + ids_path);
   }
 
-  for (const std::string& v : a.variants) parse_variant(v);  // bad names fail before any run
+  for (const std::string& v : a.variants) a.spec_for(parse_variant(v));  // fail before any run
   // Repeats run the variants interleaved, so drift in machine load hits each alike; the row of a
   // variant reports the median prefill and decode times and the largest peak RSS.
   std::vector<std::vector<nlohmann::json>> runs(a.variants.size());
@@ -139,6 +139,10 @@ void run_bench_model(const BenchModelArgs& a) {
                                              std::to_string(a.window),
                                              "--sinks",
                                              std::to_string(a.sinks),
+                                             "--pool",
+                                             a.pool,
+                                             "--pool-heads",
+                                             a.pool_heads,
                                              "--threads",
                                              std::to_string(a.threads),
                                              "--chunk",
@@ -248,9 +252,7 @@ void register_bench_model_command(CLI::App& app) {
   cmd->add_option("--variants", a->variants, "attention variants to run")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--group", a->group, "cca group size g")->capture_default_str();
-  cmd->add_option("--window", a->window, "cca window s / sliding window")->capture_default_str();
-  cmd->add_option("--sinks", a->sinks, "streaming/lminfinite sinks")->capture_default_str();
+  add_variant_flags(cmd, *a, /*with_variant=*/false);
   cmd->add_option("--threads", a->threads, "CPU threads (0 = all)")->capture_default_str();
   cmd->add_option("--repeat", a->repeat, "runs per variant (median reported)")
       ->capture_default_str();

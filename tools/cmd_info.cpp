@@ -46,7 +46,7 @@ void run_info(const InfoArgs& a) {
   std::vector<VariantSpec> variants;
   for (VariantKind k : {VariantKind::full, VariantKind::sliding, VariantKind::streaming,
                         VariantKind::lminfinite, VariantKind::cca})
-    variants.push_back(variant_with_flags(k, a.run));
+    variants.push_back(a.run.spec_for(k));
 
   if (a.json) {
     nlohmann::json j;

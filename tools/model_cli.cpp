@@ -9,38 +9,11 @@
 
 namespace cca {
 
-VariantSpec variant_with_flags(VariantKind kind, const ModelRunFlags& f) {
-  VariantSpec v;
-  switch (kind) {
-    case VariantKind::full:
-      v = VariantSpec::full();
-      break;
-    case VariantKind::sliding:
-      v = VariantSpec::sliding(f.window);
-      break;
-    case VariantKind::streaming:
-      v = VariantSpec::streaming(f.sinks, f.window);
-      break;
-    case VariantKind::lminfinite:
-      v = VariantSpec::lminfinite(f.sinks, f.window);
-      break;
-    case VariantKind::cca:
-      v = VariantSpec::cca(f.group, f.window, parse_pool(f.pool), parse_pool_heads(f.pool_heads));
-      break;
-  }
-  v.validate();
-  return v;
-}
-
-VariantSpec ModelRunFlags::variant_spec() const {
-  return variant_with_flags(parse_variant(variant), *this);
-}
-
 model::SessionOptions ModelRunFlags::session_options() const {
   check(threads >= 0, "invalid --threads " + std::to_string(threads) + ": must be >= 0 (0 = all)");
   check(chunk >= 1, "invalid --chunk " + std::to_string(chunk) + ": must be >= 1");
   model::SessionOptions o;
-  o.variant = variant_spec();
+  o.variant = spec();
   o.threads = threads;
   o.chunk = chunk;
   return o;
@@ -56,19 +29,7 @@ int64_t ModelRunFlags::context_limit(const model::ModelConfig& cfg) const {
 void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run) {
   cmd->add_option("--model", f.model, "Hugging Face model directory (config.json, *.safetensors)")
       ->required();
-  if (run)
-    cmd->add_option("--variant", f.variant,
-                    "attention: full, sliding, streaming, lminfinite or cca")
-        ->capture_default_str();
-  cmd->add_option("--group", f.group, "cca group size g")->capture_default_str();
-  cmd->add_option("--window", f.window,
-                  "cca local window s; the window of sliding/streaming; lminfinite's local branch")
-      ->capture_default_str();
-  cmd->add_option("--sinks", f.sinks, "streaming sinks; lminfinite's global branch")
-      ->capture_default_str();
-  cmd->add_option("--pool", f.pool, "cca pooling: cca, mean or max")->capture_default_str();
-  cmd->add_option("--pool-heads", f.pool_heads, "cca pooling per kv head or per query head")
-      ->capture_default_str();
+  add_variant_flags(cmd, f, /*with_variant=*/run);
   if (!run) return;
   cmd->add_option("--threads", f.threads, "CPU threads (0 = OMP_NUM_THREADS, else all cores)")
       ->capture_default_str();

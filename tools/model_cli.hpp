@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cca/variant.hpp"
+#include "variant_flags.hpp"
 #include "model/config.hpp"
 #include "model/transformer.hpp"
 
@@ -17,18 +18,14 @@ class App;
 
 namespace cca {
 
-struct ModelRunFlags {
+struct ModelRunFlags : VariantFlags {
   std::string model;
-  std::string variant = "cca";
-  int64_t group = 16, window = 1024, sinks = 4;
-  std::string pool = "cca", pool_heads = "kv";
   int threads = 0;
   int64_t chunk = 256;
   int64_t max_context = 0;  // 0: the model's max_position_embeddings
   bool allow_long_prompt = false;
   bool no_progress = false;
 
-  VariantSpec variant_spec() const;  // validated
   model::SessionOptions session_options() const;
   // The context limit in tokens (0 = none): --allow-long-prompt, else --max-context, else the
   // model's max_position_embeddings.
@@ -38,10 +35,6 @@ struct ModelRunFlags {
 // --model (required) and the variant parameters (--group --window --sinks --pool --pool-heads);
 // with `run` also --variant, --threads, --chunk, --no-progress and the context limit flags.
 void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run);
-
-// The variant of `kind` with the flags' parameters (sliding/streaming/lminfinite use --window and
-// --sinks, cca --group/--window/--pool/--pool-heads).
-VariantSpec variant_with_flags(VariantKind kind, const ModelRunFlags& f);
 
 // The model directory's tokenizer.json, loaded by the tokenizer library.
 class TextTokenizer {
