@@ -311,7 +311,7 @@ TEST(CudaDecode, CopyTensorStrided) {
   Tensor dst = alloc(DType::f16, {2, 9, 3, 64}, Layout::transposed);
   fill_normal(src.view, rng);
   OnDevice ds(src, Device::cuda), dd(dst, Device::cuda);
-  get_backend(BackendKind::cuda, Device::cuda).copy_tensor(dd.view(), ds.view());
+  get_backend(BackendKind::cuda, Device::cuda).copy_tensor(dd.view(), ds.view(), nullptr);
   dd.download();
   EXPECT_TRUE(fully_written(dst));
   expect_close(dst.view, src.view, 0, 0, "copy");

@@ -63,8 +63,9 @@ class Backend {
   virtual void* alloc(int64_t bytes) const;
   virtual void free(void* ptr) const;
   virtual void copy(void* dst, const void* src, int64_t bytes) const;  // same-device copy
-  // dst = src for two [B, n, H, D] views of the same shape and dtype on this backend's device.
-  virtual void copy_tensor(const TensorView& dst, const TensorView& src) const;
+  // dst = src for two [B, n, H, D] views of the same shape and dtype on this backend's device,
+  // ordered on `stream` (a cudaStream_t for the cuda backend; ignored on the host).
+  virtual void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const;
 };
 
 // The backend to run; throws cca::Error if it is not compiled in or cannot run here.

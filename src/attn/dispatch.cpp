@@ -70,7 +70,7 @@ void Backend::copy(void* dst, const void* src, int64_t bytes) const {
   if (bytes > 0) std::memmove(dst, src, size_t(bytes));
 }
 
-void Backend::copy_tensor(const TensorView& dst, const TensorView& src) const {
+void Backend::copy_tensor(const TensorView& dst, const TensorView& src, void*) const {
   const int64_t row_bytes = src.shape[3] * dtype_size(src.dtype);
   for (int64_t b = 0; b < src.shape[0]; ++b)
     for (int64_t t = 0; t < src.shape[1]; ++t)

@@ -16,14 +16,14 @@ namespace {
 // An owned [B, cap, H, D] buffer in the backend's memory.
 class Store {
  public:
-  Store(const Backend& be, int64_t B, int64_t H, int64_t D, DType dt)
-      : be_(&be), B_(B), H_(H), D_(D), dtype_(dt) {}
+  Store(const Backend& be, int64_t B, int64_t H, int64_t D, DType dt, void* stream)
+      : be_(&be), B_(B), H_(H), D_(D), dtype_(dt), stream_(stream) {}
   ~Store() { release(); }
   Store(Store&& o) noexcept { *this = std::move(o); }
   Store& operator=(Store&& o) noexcept {
     if (this != &o) {
       release();
-      be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, cap_ = o.cap_,
+      be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, stream_ = o.stream_, cap_ = o.cap_,
       data_ = o.data_;
       o.data_ = nullptr;
       o.cap_ = 0;
@@ -44,10 +44,10 @@ class Store {
     if (keep0 + needed <= cap_) return keep0;
     const int64_t cap = std::max<int64_t>(16, 2 * needed);
     void* data = be_->alloc(B_ * cap * H_ * D_ * dtype_size(dtype_));
-    Store fresh(*be_, B_, H_, D_, dtype_);
+    Store fresh(*be_, B_, H_, D_, dtype_, stream_);
     fresh.data_ = data;
     fresh.cap_ = cap;
-    if (keep > 0) be_->copy_tensor(fresh.rows(0, keep), rows(keep0, keep));
+    if (keep > 0) be_->copy_tensor(fresh.rows(0, keep), rows(keep0, keep), stream_);
     *this = std::move(fresh);
     return 0;
   }
@@ -60,6 +60,7 @@ class Store {
   const Backend* be_ = nullptr;
   int64_t B_ = 0, H_ = 0, D_ = 0;
   DType dtype_ = DType::f32;
+  void* stream_ = nullptr;  // copies are ordered with the cache's kernels
   int64_t cap_ = 0;
   void* data_ = nullptr;
 };
@@ -82,9 +83,9 @@ struct KvCache::Impl {
   Impl(const VariantSpec& v, int64_t b, int64_t hq, int64_t hkv, int64_t d, DType dt,
        RunOptions r, const Backend& backend)
       : variant(v), B(b), Hq(hq), Hkv(hkv), D(d), Hc(v.core_heads(hq, hkv)), dtype(dt), run(r),
-        be(&backend), core_k(backend, b, Hc, d, dt), core_v(backend, b, Hc, d, dt),
-        sink_k(backend, b, hkv, d, dt), sink_v(backend, b, hkv, d, dt),
-        raw_k(backend, b, hkv, d, dt), raw_v(backend, b, hkv, d, dt) {}
+        be(&backend), core_k(backend, b, Hc, d, dt, r.stream), core_v(backend, b, Hc, d, dt, r.stream),
+        sink_k(backend, b, hkv, d, dt, r.stream), sink_v(backend, b, hkv, d, dt, r.stream),
+        raw_k(backend, b, hkv, d, dt, r.stream), raw_v(backend, b, hkv, d, dt, r.stream) {}
 
   int64_t raw_rows() const { return n - raw_begin; }
   KvSegment raw_segment(int64_t rows) const {
@@ -119,16 +120,16 @@ struct KvCache::Impl {
     const int64_t old_off = raw_off;  // both stores grow together, so they share raw_off
     raw_off = raw_k.reserve(live + c, old_off, live);
     raw_v.reserve(live + c, old_off, live);
-    be->copy_tensor(raw_k.rows(raw_off + live, c), k);
-    be->copy_tensor(raw_v.rows(raw_off + live, c), v);
+    be->copy_tensor(raw_k.rows(raw_off + live, c), k, run.stream);
+    be->copy_tensor(raw_v.rows(raw_off + live, c), v, run.stream);
     int64_t sink_end = n_sink;
     if (variant.has_sinks() && n < variant.sinks) {
       sink_end = std::min(variant.sinks, n + c);
       sink_k.reserve(sink_end, 0, n_sink);
       sink_v.reserve(sink_end, 0, n_sink);
       const int64_t rows = sink_end - n;  // n_sink == n while the sinks fill
-      be->copy_tensor(sink_k.rows(n, rows), k.slice(1, 0, rows));
-      be->copy_tensor(sink_v.rows(n, rows), v.slice(1, 0, rows));
+      be->copy_tensor(sink_k.rows(n, rows), k.slice(1, 0, rows), run.stream);
+      be->copy_tensor(sink_v.rows(n, rows), v.slice(1, 0, rows), run.stream);
     }
     const KvSegment raw = raw_segment(live + c);
 

@@ -132,8 +132,8 @@ class CudaBackend final : public Backend {
     if (bytes > 0)
       CCA_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(bytes), cudaMemcpyDeviceToDevice, nullptr));
   }
-  void copy_tensor(const TensorView& dst, const TensorView& src) const override {
-    launch_copy_tensor(dst, src, nullptr);
+  void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const override {
+    launch_copy_tensor(dst, src, static_cast<cudaStream_t>(stream));
   }
 };
 
