@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "attend_args.cuh"
+#include "attend_epilogue.cuh"
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
 #include "kernels.hpp"
@@ -311,31 +312,7 @@ __global__ void __launch_bounds__(384, 1)
   wgmma_wait<0>();
   reg_fence(acc);
 
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
-  }
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  T* out = static_cast<T*>(a.out) + b * a.o_sb + h * a.o_sh;
-  const int col = 2 * (lane & 3);
-  if (ra < rows_here) {
-    T* o = out + int64_t(row0 + ra) * a.o_st + col;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(o + dt * 8) = pack2<T>(acc[dt][0] * inv_a, acc[dt][1] * inv_a);
-  }
-  if (rb < rows_here) {
-    T* o = out + int64_t(row0 + rb) * a.o_st + col;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(o + dt * 8) = pack2<T>(acc[dt][2] * inv_b, acc[dt][3] * inv_b);
-  }
-  if (a.lse && (lane & 3) == 0) {
-    float* lse = a.lse + b * a.l_sb + h * a.l_sh;
-    if (ra < rows_here) lse[int64_t(row0 + ra) * a.l_st] = SoftmaxState{m_a, l_a}.lse();
-    if (rb < rows_here) lse[int64_t(row0 + rb) * a.l_st] = SoftmaxState{m_b, l_b}.lse();
-  }
+  store_attend_rows<T, D>(a, b, h, row0, ra, rb, rows_here, lane, acc, m_a, l_a, m_b, l_b);
   }  // consumers
 #else
   __trap();  // never launched: the host checks for sm_90a device code first
