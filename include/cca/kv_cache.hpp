@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "cca/attention.hpp"
 
@@ -35,6 +36,18 @@ class KvCache {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  friend void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
+                                    const TensorView& k, const TensorView& v,
+                                    const TensorView& out, const TensorView& lse);
 };
+
+// One step for several sequences at different lengths, each in its own cache (batch 1; all with
+// the same variant, heads, head dim, dtype and backend): row s of q [S, n, Hq, D] and k, v
+// [S, n, Hkv, D] is appended to caches[s], and out [S, n, Hq, D] (lse [S, Hq, n] if given) gets
+// exactly what caches[s]->append would write. The attention of all S sequences runs as one
+// batched backend call (on the GPU, one split-KV launch that splits long sequences further).
+void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
+                           const TensorView& k, const TensorView& v, const TensorView& out,
+                           const TensorView& lse = {});
 
 }  // namespace cca

@@ -5,6 +5,7 @@
 // Prefill, chunked prefill and decode are all built from these (dispatch.cpp, kv_cache.cpp).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "cca/attention.hpp"
 #include "policy.hpp"
@@ -58,6 +59,9 @@ class Backend {
   // "" if it can run `p`, else the reason.
   virtual std::string unsupported(const AttendProblem&) const { return ""; }
   virtual void attend(const AttendProblem& p) const = 0;
+  // Several independent problems, e.g. one decode step of sequences at different lengths, each
+  // from its own cache. The default runs them one by one; a backend may fuse them into one launch.
+  virtual void attend_batch(const std::vector<AttendProblem>& problems) const;
   virtual void pool(const PoolProblem& p) const = 0;
   // Device memory helpers for backends whose tensors do not live on the host.
   virtual void* alloc(int64_t bytes) const;

@@ -70,6 +70,10 @@ void Backend::copy(void* dst, const void* src, int64_t bytes) const {
   if (bytes > 0) std::memmove(dst, src, size_t(bytes));
 }
 
+void Backend::attend_batch(const std::vector<AttendProblem>& problems) const {
+  for (const AttendProblem& p : problems) attend(p);
+}
+
 void Backend::copy_tensor(const TensorView& dst, const TensorView& src, void*) const {
   const int64_t row_bytes = src.shape[3] * dtype_size(src.dtype);
   for (int64_t b = 0; b < src.shape[0]; ++b)

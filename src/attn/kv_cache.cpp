@@ -5,6 +5,7 @@
 // All memory goes through the backend (host or device), so the same code drives every backend.
 #include "cca/kv_cache.hpp"
 
+#include <cmath>
 #include <sstream>
 
 #include "backend.hpp"
@@ -108,10 +109,17 @@ struct KvCache::Impl {
                                         (be->device() == Device::cuda ? "GPU" : "host") + " memory");
   }
 
-  // q [B, c, Hq, D], k/v [B, c, Hkv, D] at positions n .. n+c-1.
-  void append(const TensorView& q, const TensorView& k, const TensorView& v,
-              const TensorView& out, const TensorView& lse) {
-    check_chunk(q, k, v, out, lse);
+  // An append split in two around its attention, so that several caches can attend in one
+  // batched backend call: prepare() stores and pools the chunk and returns the attention to run;
+  // commit() then advances the cache. Until commit() the cache's visible state is unchanged.
+  struct Pending {
+    AttendProblem attend;
+    int64_t chunk, core_end, sink_end;
+  };
+
+  // q [B, c, Hq, D], k/v [B, c, Hkv, D] at positions n .. n+c-1; checked by check_chunk().
+  Pending prepare(const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& out, const TensorView& lse) {
     const int64_t c = q.shape[1];
     const float scale = variant.scale_for(D);
 
@@ -154,7 +162,7 @@ struct KvCache::Impl {
       be->pool(pp);
     }
 
-    // 3. Attend: each query sees what the variant's policy says, from the three stores.
+    // 3. The attention over the three stores, run by the caller.
     AttendProblem a;
     a.q = q;
     a.q_pos0 = n;
@@ -167,15 +175,25 @@ struct KvCache::Impl {
     a.scale = scale;
     a.threads = run.threads;
     a.stream = run.stream;
-    be->attend(a);
+    return Pending{a, c, core_end, sink_end};
+  }
 
-    // 4. Advance, then evict raw positions no later query sees raw (below j(last) * g for cca).
-    n += c;
-    n_core = core_end;
-    n_sink = sink_end;
+  // 4. Advance, then evict raw positions no later query sees raw (below j(last) * g for cca).
+  void commit(const Pending& p) {
+    n += p.chunk;
+    n_core = p.core_end;
+    n_sink = p.sink_end;
     const int64_t keep_from = visible_keys(variant, n - 1).local_begin;
     raw_off += keep_from - raw_begin;
     raw_begin = keep_from;
+  }
+
+  void append(const TensorView& q, const TensorView& k, const TensorView& v,
+              const TensorView& out, const TensorView& lse) {
+    check_chunk(q, k, v, out, lse);
+    const Pending p = prepare(q, k, v, out, lse);
+    be->attend(p.attend);  // 3. each query sees what the variant's policy says
+    commit(p);
   }
 };
 
@@ -210,5 +228,53 @@ int64_t KvCache::full_cache_bytes() const {
   return 2 * m.B * m.D * dtype_size(m.dtype) * m.n * m.Hkv;
 }
 const VariantSpec& KvCache::variant() const { return impl_->variant; }
+
+static bool same_variant(const VariantSpec& a, const VariantSpec& b) {
+  const bool same_scale = a.scale == b.scale || (std::isnan(a.scale) && std::isnan(b.scale));
+  return a.kind == b.kind && a.group == b.group && a.window == b.window && a.sinks == b.sinks &&
+         a.pool == b.pool && a.pool_heads == b.pool_heads && same_scale;
+}
+
+void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
+                           const TensorView& k, const TensorView& v, const TensorView& out,
+                           const TensorView& lse) {
+  check(!caches.empty(), "kv_cache_append_batch: no caches given");
+  check_qkv(q, k, v);
+  check_attn_out(q, out, lse);
+  const int64_t S = int64_t(caches.size());
+  check(q.shape[0] == S, "kv_cache_append_batch: q " + q.shape_string() + " has " +
+                             std::to_string(q.shape[0]) + " rows for " + std::to_string(S) +
+                             " caches");
+  std::vector<KvCache::Impl*> impls;
+  for (int64_t s = 0; s < S; ++s) {
+    check(caches[size_t(s)] != nullptr, "kv_cache_append_batch: cache " + std::to_string(s) +
+                                            " is null");
+    KvCache::Impl* m = caches[size_t(s)]->impl_.get();
+    check(m->B == 1, "kv_cache_append_batch: cache " + std::to_string(s) + " holds batch " +
+                         std::to_string(m->B) + "; each sequence needs its own batch-1 cache");
+    for (const KvCache::Impl* other : impls)
+      check(other != m, "kv_cache_append_batch: cache " + std::to_string(s) + " appears twice");
+    const KvCache::Impl& first = impls.empty() ? *m : *impls.front();
+    check(same_variant(m->variant, first.variant) && m->be == first.be && m->dtype == first.dtype,
+          "kv_cache_append_batch: cache " + std::to_string(s) + " (" + m->variant.describe() +
+              ", backend " + backend_name(m->be->kind()) + ", " + dtype_name(m->dtype) +
+              ") differs from cache 0 (" + first.variant.describe() + ", backend " +
+              backend_name(first.be->kind()) + ", " + dtype_name(first.dtype) + ")");
+    impls.push_back(m);
+  }
+  // Row s of every tensor is sequence s; all are checked before any cache changes.
+  auto row = [](const TensorView& t, int64_t s) { return t.data ? t.slice(0, s, 1) : t; };
+  for (int64_t s = 0; s < S; ++s)
+    impls[size_t(s)]->check_chunk(row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s));
+  std::vector<KvCache::Impl::Pending> pending;
+  std::vector<AttendProblem> problems;
+  for (int64_t s = 0; s < S; ++s) {
+    pending.push_back(
+        impls[size_t(s)]->prepare(row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s)));
+    problems.push_back(pending.back().attend);
+  }
+  impls.front()->be->attend_batch(problems);
+  for (int64_t s = 0; s < S; ++s) impls[size_t(s)]->commit(pending[size_t(s)]);
+}
 
 }  // namespace cca
