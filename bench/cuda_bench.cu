@@ -2,7 +2,7 @@
 // cca pooling, cca attend, the whole cca forward (pool + attend), full causal attend, and
 // decode steps over the compressed cache; median of CUDA-event-timed repetitions.
 //   cca_cuda_bench [--t-list 4096,16384] [--heads 32:32,32:8] [--decode-ctx 32768,131072]
-//                  [--decode-batch 1,8] [--reps 5] [--skip-full]
+//                  [--decode-batch 1,8] [--ragged 131072,98304,...] [--reps 5] [--skip-full]
 // Shapes: B=1 prefill, D=128, bf16, g=16, s=1024 (issue 3's benchmark grid).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -95,7 +95,8 @@ std::vector<int64_t> parse_list(const std::string& s) {
   std::vector<int64_t> r;
   std::stringstream ss(s);
   std::string x;
-  while (std::getline(ss, x, ',')) r.push_back(std::stoll(x));
+  while (std::getline(ss, x, ','))
+    if (!x.empty()) r.push_back(std::stoll(x));  // "," alone: an empty list
   return r;
 }
 
@@ -115,6 +116,8 @@ int main(int argc, char** argv) {
   std::vector<int64_t> t_list = {4096, 16384, 32768, 65536, 131072};
   std::vector<std::pair<int64_t, int64_t>> heads = {{32, 32}, {32, 8}};
   std::vector<int64_t> decode_ctx = {32768, 131072}, decode_batch = {1, 8};
+  // One decode step of 8 sequences of different lengths (a serving batch).
+  std::vector<int64_t> ragged = {131072, 98304, 65536, 32768, 16384, 8192, 4096, 1024};
   int reps = 5;
   bool skip_full = false;
   for (int i = 1; i < argc; ++i) {
@@ -126,6 +129,8 @@ int main(int argc, char** argv) {
       decode_ctx = parse_list(next());
     else if (a == "--decode-batch")
       decode_batch = parse_list(next());
+    else if (a == "--ragged")
+      ragged = parse_list(next());
     else if (a == "--reps")
       reps = std::stoi(next());
     else if (a == "--skip-full")
@@ -270,6 +275,58 @@ int main(int argc, char** argv) {
         cudaGraphDestroy(graph);
         cudaStreamDestroy(st);
       }
+    // Ragged decode: one step of sequences of different lengths, each with its own compressed
+    // cache, as one fused attend_batch call against one attend call per sequence. B = number of
+    // sequences, T = their total length; the caches together exceed L2.
+    if (!ragged.empty()) {
+      std::vector<std::unique_ptr<Buf>> bufs;
+      std::vector<cca::AttendProblem> probs;
+      const int64_t S = int64_t(ragged.size());
+      Buf qd(S * Hq * D * 2, 7), od(S * Hq * D * 2);
+      double bytes = 0, flops = 0;
+      int64_t total_len = 0;
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t t = ragged[size_t(j)] - 1;
+        const cca::Visible vis = cca::visible_keys(vc, t);
+        const int64_t n_core = vis.n_core, n_raw = vis.local_end - vis.local_begin;
+        bytes += double(n_core + n_raw) * Hkv * D * 2 * 2;
+        flops += 4.0 * D * Hq * double(n_core + n_raw);
+        total_len += t + 1;
+        cca::AttendProblem dp;
+        dp.q = view(static_cast<char*>(qd.p) + j * Hq * D * 2, 1, 1, Hq, D);
+        dp.q_pos0 = t;
+        if (n_core > 0) {
+          bufs.emplace_back(new Buf(std::max<int64_t>(n_core, 1) * Hkv * D * 2, 20 + j));
+          bufs.emplace_back(new Buf(std::max<int64_t>(n_core, 1) * Hkv * D * 2, 40 + j));
+          dp.core = cca::KvSegment{view(bufs[bufs.size() - 2]->p, 1, n_core, Hkv, D),
+                                   view(bufs.back()->p, 1, n_core, Hkv, D), 0};
+        }
+        bufs.emplace_back(new Buf(n_raw * Hkv * D * 2, 60 + j));
+        bufs.emplace_back(new Buf(n_raw * Hkv * D * 2, 80 + j));
+        dp.local = cca::KvSegment{view(bufs[bufs.size() - 2]->p, 1, n_raw, Hkv, D),
+                                  view(bufs.back()->p, 1, n_raw, Hkv, D), vis.local_begin};
+        dp.out = view(static_cast<char*>(od.p) + j * Hq * D * 2, 1, 1, Hq, D);
+        dp.variant = vc;
+        dp.scale = vc.scale_for(D);
+        probs.push_back(dp);
+      }
+      const int inner = 20;
+      const double fused = median_ms(
+                               [&] {
+                                 for (int i = 0; i < inner; ++i) be.attend_batch(probs);
+                               },
+                               reps) /
+                           inner;
+      emit("cca_decode_ragged", S, total_len, Hq, Hkv, fused, flops, bytes);
+      const double loop = median_ms(
+                              [&] {
+                                for (int i = 0; i < inner; ++i)
+                                  for (const cca::AttendProblem& p : probs) be.attend(p);
+                              },
+                              reps) /
+                          inner;
+      emit("cca_decode_ragged_loop", S, total_len, Hq, Hkv, loop, flops, bytes);
+    }
   }
   return 0;
 }

@@ -35,8 +35,8 @@ def main():
            "flash", "flex cca fwd", "cudnn/cca", "flex/cca", "ours full/cudnn")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    keys = sorted({(r["Hq"], r["Hkv"], r["T"]) for r in rows if r["op"] != "decode_full_cache"
-                   and r["op"] != "cca_decode"}, key=lambda x: (-x[1], x[2]))
+    keys = sorted({(r["Hq"], r["Hkv"], r["T"]) for r in rows if "decode" not in r["op"]},
+                  key=lambda x: (-x[1], x[2]))
     f = lambda r: f"{r['ms']:.3f}" if r else "-"
     for hq, hkv, T in keys:
         pool = get("cca_cuda", "cca_pool", 1, T, hq, hkv)
@@ -65,6 +65,21 @@ def main():
         ratio = f"{b['ms'] / a['ms']:.1f}x" if a and b else "-"
         print(f"| {hq}:{hkv} | {T} | {B} | {f(a)} | {gb(a)} | {f(ag)} | {gb(ag)} | {f(b)} | "
               f"{gb(b)} | {ratio} |")
+    print("\n## Ragged decode step: B sequences of total length T, each its own cache (ms)")
+    hdr = ("Hq:Hkv", "B", "T", "cca fused", "GB/s", "cca per sequence", "GB/s",
+           "sdpa full caches", "GB/s", "loop/fused", "sdpa/fused")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    rkeys = sorted({(r["Hq"], r["Hkv"], r["T"], r["B"]) for r in rows
+                    if r["op"] == "cca_decode_ragged"}, key=lambda x: (-x[1], x[2]))
+    for hq, hkv, T, B in rkeys:
+        a = get("cca_cuda", "cca_decode_ragged", B, T, hq, hkv)
+        lp = get("cca_cuda", "cca_decode_ragged_loop", B, T, hq, hkv)
+        b = get("sdpa", "decode_full_cache_ragged", B, T, hq, hkv)
+        gb = lambda r: r["gbps"] if r else "-"
+        ratio = lambda x, y: f"{x['ms'] / y['ms']:.1f}x" if x and y else "-"
+        print(f"| {hq}:{hkv} | {B} | {T} | {f(a)} | {gb(a)} | {f(lp)} | {gb(lp)} | {f(b)} | "
+              f"{gb(b)} | {ratio(lp, a)} | {ratio(b, a)} |")
     errs = [r for r in load(sys.argv[1]) + load(sys.argv[2]) if "error" in r]
     for e in errs:
         print("error:", json.dumps(e))

@@ -7,6 +7,8 @@ Prints one JSON line per measurement, like bench/cuda_bench.cu:
   flex_cca_attend          FlexAttention over [core tokens; raw keys] with a CCA block mask
   flex_cca_fwd             both (what a FlexAttention user would run)
   sdpa_decode              one query over the full (uncompressed) KV cache
+  decode_full_cache_ragged one query per sequence of a ragged batch, SDPA per sequence over its
+                           full cache (B = sequences, T = their total length)
 Shapes: B=1, D=128, bf16, g=16, s=1024. Times: CUDA events, median of repetitions after warm-up.
 """
 import argparse
@@ -149,12 +151,34 @@ def decode(args):
                 torch.cuda.empty_cache()
 
 
+def decode_ragged(args):
+    if not args.ragged:
+        return
+    for hq, hkv in args.heads:
+        q = torch.randn(1, hq, 1, D, device="cuda", dtype=torch.bfloat16)
+        kv = [(torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16),
+               torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16)) for L in args.ragged]
+        inner = 20
+
+        def step():
+            for _ in range(inner):
+                for k, v in kv:
+                    F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
+        ms = median_ms(step, args.reps) / inner
+        total = sum(args.ragged)
+        emit("sdpa", "decode_full_cache_ragged", len(args.ragged), total, hq, hkv, ms,
+             4.0 * D * hq * total, 2.0 * hkv * total * D * 2)
+        del kv
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--t-list", default="4096,16384,32768,65536,131072")
     ap.add_argument("--heads", default="32:32,32:8")
     ap.add_argument("--decode-ctx", default="32768,131072")
     ap.add_argument("--decode-batch", default="1,8")
+    ap.add_argument("--ragged", default="131072,98304,65536,32768,16384,8192,4096,1024")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args()
@@ -162,6 +186,7 @@ def main():
     args.heads = [tuple(int(y) for y in x.split(":")) for x in args.heads.split(",")]
     args.decode_ctx = [int(x) for x in args.decode_ctx.split(",") if x]
     args.decode_batch = [int(x) for x in args.decode_batch.split(",") if x]
+    args.ragged = [int(x) for x in args.ragged.split(",") if x]
     print(json.dumps({"impl": "env", "torch": torch.__version__,
                       "gpu": torch.cuda.get_device_name(0)}), flush=True)
     flex_attention = create_block_mask = None
@@ -175,6 +200,7 @@ def main():
         flex_attention = torch.compile(flex_attention, dynamic=False)
     prefill(args, flex_attention, create_block_mask)
     decode(args)
+    decode_ragged(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 // CUDA GPU is usable; the device-helper error paths run everywhere.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <vector>
 
 #include "cca/device.hpp"
@@ -215,7 +216,9 @@ TEST(CudaDecode, SplitsAgreeWithTiles) {
       p.variant = v;
       p.scale = v.scale_for(D);
       std::vector<Tensor> outs;
-      for (int mode = 0; mode < 4; ++mode) {  // tiles, then 1, 7 and automatic splits
+      // Tiles, then 1, 7 and 12 slices and the automatic count.
+      const std::vector<int> modes = {1, 7, 12, 0};
+      for (size_t mode = 0; mode <= modes.size(); ++mode) {
         Tensor out = alloc(DType::bf16, {B, n, Hq, D}), lse = alloc(DType::f32, {B, Hq, n});
         OnDevice dout(out, Device::cuda), dlse(lse, Device::cuda);
         p.out = dout.view();
@@ -223,7 +226,7 @@ TEST(CudaDecode, SplitsAgreeWithTiles) {
         if (mode == 0)
           cuda::launch_attend_tiles(p, nullptr);
         else
-          cuda::launch_attend_decode(p, nullptr, mode == 1 ? 1 : mode == 2 ? 7 : 0);
+          cuda::launch_attend_decode({p}, nullptr, modes[mode - 1]);
         dout.download();
         dlse.download();
         EXPECT_TRUE(fully_written(out));
@@ -236,6 +239,113 @@ TEST(CudaDecode, SplitsAgreeWithTiles) {
         expect_close(outs[i + 1].view, outs[1].view, 1e-4, 1e-5, "decode lse");
       }
     }
+}
+
+// A ragged decode batch (sequences of 1 to 9000 tokens, each with its own tensors and position)
+// in one split-KV launch: every sequence's rows equal the float64 reference and the tile kernel
+// on that sequence alone, with automatic slices (more for the longer sequences), 5 and 12
+// slices each (more slices than keys for the shortest).
+TEST(CudaDecode, RaggedBatchMatchesEachSequence) {
+  CCA_REQUIRE_GPU();
+  const std::vector<int64_t> lengths = {1, 37, 700, 3000, 9000};
+  const int64_t Hq = 8, Hkv = 2;
+  struct Case {
+    VariantSpec v;
+    int64_t n, D;
+    DType dt;
+  };
+  for (const Case& c : {Case{VariantSpec::cca(16, 300), 1, 128, DType::bf16},
+                        Case{VariantSpec::cca(8, 200, PoolMode::cca, PoolHeads::query), 1, 64,
+                             DType::f16},
+                        Case{VariantSpec::streaming(4, 500), 2, 128, DType::bf16},
+                        Case{VariantSpec::full(), 1, 64, DType::f16}}) {
+    SCOPED_TRACE(variant_tag(c.v) + "_n" + std::to_string(c.n) + "_D" + std::to_string(c.D));
+    Rng rng(seed_of(variant_tag(c.v)) + uint64_t(c.D));
+    const int64_t S = int64_t(lengths.size()), Hc = c.v.core_heads(Hq, Hkv);
+    std::vector<Tensor> host;               // keeps every input alive
+    std::vector<OnDevice> dev;              // their GPU copies
+    std::vector<AttendProblem> gpu, cpu64;  // per sequence: the GPU problem, the reference's
+    std::vector<Tensor> want_out, want_lse;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t L = std::max(lengths[size_t(s)], c.n), m = core_tokens_needed(c.v, L);
+      Qkv x = make_qkv(1, L, Hq, Hkv, c.D, c.dt, Layout::contiguous, rng);
+      Tensor kc = alloc(c.dt, {1, std::max<int64_t>(m, 1), Hc, c.D});
+      Tensor vc = alloc(c.dt, {1, std::max<int64_t>(m, 1), Hc, c.D});
+      fill_normal(kc.view, rng);
+      fill_normal(vc.view, rng);
+      AttendProblem p;
+      p.q_pos0 = L - c.n;
+      p.variant = c.v;
+      p.scale = c.v.scale_for(c.D);
+      // The reference: float64 math on float32 copies of the same rounded inputs.
+      AttendProblem r = p;
+      const Tensor q32 = convert(x.q.view, DType::f32), k32 = convert(x.k.view, DType::f32),
+                   v32 = convert(x.v.view, DType::f32), kc32 = convert(kc.view, DType::f32),
+                   vc32 = convert(vc.view, DType::f32);
+      want_out.push_back(alloc(DType::f32, {1, c.n, Hq, c.D}));
+      want_lse.push_back(alloc(DType::f32, {1, Hq, c.n}));
+      r.q = q32.view.slice(1, L - c.n, c.n);
+      if (m > 0) r.core = KvSegment{kc32.view.slice(1, 0, m), vc32.view.slice(1, 0, m), 0};
+      r.sink = r.local = KvSegment{k32.view, v32.view, 0};
+      r.out = want_out.back().view;
+      r.lse = want_lse.back().view;
+      ref::backend().attend(r);
+      for (const Tensor* t : {&x.q, &x.k, &x.v, &kc, &vc}) {
+        host.push_back(*t);
+        dev.emplace_back(*t, Device::cuda);
+      }
+      const size_t i = dev.size() - 5;
+      p.q = dev[i].view().slice(1, L - c.n, c.n);
+      if (m > 0)
+        p.core = KvSegment{dev[i + 3].view().slice(1, 0, m), dev[i + 4].view().slice(1, 0, m), 0};
+      p.sink = p.local = KvSegment{dev[i + 1].view(), dev[i + 2].view(), 0};
+      gpu.push_back(p);
+    }
+    const GpuTol tol = gpu_tol(c.dt);
+    const Bound cross = cross_kernel_tolerance(c.dt);
+    // Runs every sequence through `run` into fresh outputs; returns [out_s, lse_s] per sequence.
+    auto run = [&](const std::function<void(std::vector<AttendProblem>&)>& f) {
+      std::vector<Tensor> outs;
+      std::vector<OnDevice> douts;
+      std::vector<AttendProblem> ps = gpu;
+      for (AttendProblem& p : ps) {
+        outs.push_back(alloc(c.dt, {1, c.n, Hq, c.D}));
+        outs.push_back(alloc(DType::f32, {1, Hq, c.n}));
+        douts.emplace_back(outs[outs.size() - 2], Device::cuda);
+        douts.emplace_back(outs.back(), Device::cuda);
+        p.out = douts[douts.size() - 2].view();
+        p.lse = douts.back().view();
+      }
+      f(ps);
+      for (const OnDevice& d : douts) d.download();
+      for (const Tensor& t : outs) EXPECT_TRUE(fully_written(t));
+      return outs;
+    };
+    const std::vector<Tensor> tiles = run([](std::vector<AttendProblem>& ps) {
+      for (const AttendProblem& p : ps) cuda::launch_attend_tiles(p, nullptr);
+    });
+    const std::vector<std::vector<Tensor>> fused = {
+        run([](std::vector<AttendProblem>& ps) {
+          get_backend(BackendKind::cuda, Device::cuda).attend_batch(ps);
+        }),
+        run([](std::vector<AttendProblem>& ps) { cuda::launch_attend_decode(ps, nullptr, 5); }),
+        run([](std::vector<AttendProblem>& ps) { cuda::launch_attend_decode(ps, nullptr, 12); })};
+    for (int64_t s = 0; s < S; ++s) {
+      SCOPED_TRACE("sequence of " + std::to_string(lengths[size_t(s)]) + " tokens");
+      const Tensor& out = fused[0][size_t(2 * s)];
+      const Tensor& lse = fused[0][size_t(2 * s + 1)];
+      expect_close(out.view, want_out[size_t(s)].view, tol.max_abs, tol.rel_l2, "out vs ref");
+      const Diff dl = diff(lse.view, want_lse[size_t(s)].view);
+      EXPECT_EQ(dl.nonfinite, 0);
+      EXPECT_LE(dl.max_abs, tol.lse) << "lse vs ref";
+      for (const std::vector<Tensor>& f : fused) {
+        expect_close(f[size_t(2 * s)].view, tiles[size_t(2 * s)].view, cross.max_abs,
+                     cross.rel_l2, "out vs tiles");
+        expect_close(f[size_t(2 * s + 1)].view, tiles[size_t(2 * s + 1)].view, 1e-4, 1e-5,
+                     "lse vs tiles");
+      }
+    }
+  }
 }
 
 // The Hopper wgmma/TMA path and the portable tile kernel compute the same rows (prefill and a

@@ -18,13 +18,13 @@ class Scratch {
  public:
   explicit Scratch(cudaStream_t s) : stream_(s) {}
   ~Scratch() {
-    for (void* p : ptrs_) cudaFreeAsync(p, stream_);
+    for (void* p : ptrs_) scratch_free(p, stream_);
   }
-  // An aligned contiguous copy of `t` (copied in if `fill`); `t` itself when already aligned.
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
   TensorView aligned(const TensorView& t, bool fill) {
     if (!t.data || rows_aligned_16(t)) return t;
-    void* p = nullptr;
-    CCA_CUDA_CHECK(cudaMallocAsync(&p, size_t(t.numel() * dtype_size(t.dtype)), stream_));
+    void* p = scratch_alloc(t.numel() * dtype_size(t.dtype), stream_);
     ptrs_.push_back(p);
     TensorView c =
         make_view(p, t.dtype, {t.shape[0], t.shape[1], t.shape[2], t.shape[3]}, Device::cuda);
@@ -45,6 +45,23 @@ std::string check_view(const TensorView& t, const char* name, DType dtype, int64
     return std::string(name) + " must be [B, n, H, " + std::to_string(D) +
            "] with a contiguous last dimension, got " + t.shape_string();
   return "";
+}
+
+// `p` with every view the kernels read or write 16-byte aligned (scratch copies where not).
+AttendProblem aligned(const AttendProblem& p, Scratch& scratch) {
+  AttendProblem a = p;
+  a.q = scratch.aligned(p.q, true);
+  for (KvSegment* s : {&a.core, &a.sink, &a.local}) {
+    s->k = scratch.aligned(s->k, true);
+    s->v = scratch.aligned(s->v, true);
+  }
+  a.out = scratch.aligned(p.out, false);
+  return a;
+}
+
+// The output of `a` into the caller's view, where aligned() gave the kernels a scratch copy.
+void copy_out(const AttendProblem& p, const AttendProblem& a, cudaStream_t stream) {
+  if (a.out.data != p.out.data) launch_copy_tensor(p.out, a.out, stream);
 }
 
 class CudaBackend final : public Backend {
@@ -81,18 +98,34 @@ class CudaBackend final : public Backend {
     check(why.empty(), "backend cuda: " + why);
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     Scratch scratch(stream);
-    AttendProblem a = p;
-    a.q = scratch.aligned(p.q, true);
-    for (KvSegment* s : {&a.core, &a.sink, &a.local}) {
-      s->k = scratch.aligned(s->k, true);
-      s->v = scratch.aligned(s->v, true);
-    }
-    a.out = scratch.aligned(p.out, false);
+    const AttendProblem a = aligned(p, scratch);
     if (decode_rows(a) <= DecodeTile::kMaxRows)
-      launch_attend_decode(a, stream);
+      launch_attend_decode({a}, stream);
     else if (!launch_attend_wgmma(a, stream))
       launch_attend_tiles(a, stream);
-    if (a.out.data != p.out.data) launch_copy_tensor(p.out, a.out, stream);
+    copy_out(p, a, stream);
+  }
+
+  // A decode step of several sequences (each its own lengths and cache) is one split-KV launch
+  // when every problem is a decode-sized one on one stream with one dtype and head dim;
+  // anything else runs problem by problem.
+  void attend_batch(const std::vector<AttendProblem>& problems) const override {
+    if (problems.empty()) return;
+    const AttendProblem& p0 = problems.front();
+    bool fused = true;
+    for (const AttendProblem& p : problems) {
+      const std::string why = unsupported(p);
+      check(why.empty(), "backend cuda: " + why);
+      fused = fused && decode_rows(p) <= DecodeTile::kMaxRows && p.stream == p0.stream &&
+              p.q.dtype == p0.q.dtype && p.q.shape[3] == p0.q.shape[3];
+    }
+    if (!fused) return Backend::attend_batch(problems);
+    cudaStream_t stream = static_cast<cudaStream_t>(p0.stream);
+    Scratch scratch(stream);
+    std::vector<AttendProblem> batch;
+    for (const AttendProblem& p : problems) batch.push_back(aligned(p, scratch));
+    launch_attend_decode(batch, stream);
+    for (size_t i = 0; i < problems.size(); ++i) copy_out(problems[i], batch[i], stream);
   }
 
   void pool(const PoolProblem& p) const override {

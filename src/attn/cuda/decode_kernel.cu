@@ -1,10 +1,15 @@
-// Split-KV decode: few query rows (decode steps, small chunks) over long key ranges. A block
-// takes one slice of the visible keys for all query rows that share a KV head (K and V are read
-// once per KV head, not once per query head), streams it through a kStages-deep cp.async
-// pipeline in 64-key tiles and writes a partial SoftmaxState; a second kernel merges the
-// slices (skipped when there is one slice). The rows (queries x heads of the group, <= 16) are
-// the M dimension of mma.sync m16n8k16, so the GQA group costs no more issue slots than one
-// row: the kernel stays bound by reading K and V.
+// Split-KV decode: few query rows (decode steps, small chunks) over long key ranges, for one
+// problem or a ragged batch of them (sequences of different lengths, each from its own cache) in
+// one launch. A block takes one slice of the visible keys for all query rows that share a KV
+// head (K and V are read once per KV head, not once per query head), streams it through a
+// kStages-deep cp.async pipeline in 64-key tiles and ends with a partial softmax state. The
+// rows (queries x heads of the group, <= 16) are the M dimension of mma.sync m16n8k16, so the
+// GQA group costs no more issue slots than one row: the kernel stays bound by reading K and V.
+// Where a row group has several slices, a merge kernel combines their float32 states from a
+// workspace. On Hopper both kernels use programmatic dependent launch.
+#include <algorithm>
+#include <cstdlib>
+
 #include "attend_args.cuh"
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
@@ -14,13 +19,36 @@
 namespace cca::cuda {
 namespace {
 
-struct DecodeArgs {
+// One problem of a launch. Its row groups (batch row b, query heads h0 .. h0+G-1) are the
+// launch's row groups group0 .. group0 + B * Hq/G - 1; each has `splits` key slices (blocks
+// x < splits of the row group's gridDim.x blocks; the others leave at once).
+struct DecodeProblem {
   AttendArgs a;
   int G;           // query heads per block (sharing one KV head in every segment)
-  int splits;      // key slices per (batch, head group)
-  float* part_o;   // [B, Hq, n, splits, D] unnormalised outputs (splits > 1)
-  float* part_ml;  // [B, Hq, n, splits, 2] (m, l) in the log2 domain
+  int splits;      // key slices per row group, <= gridDim.x
+  int64_t group0;  // first row group
+  int64_t row0;    // first output row (b, h, query) in the launch, for the merge kernel
+  int64_t slot0;   // first workspace slot: row (row0 + i) slice s is slot0 + i * splits + s
 };
+
+// The launch: up to kCap problems, passed by value (__grid_constant__, no copy to global).
+template <int kCap>
+struct DecodeBatch {
+  int count;
+  int64_t groups;  // row groups in all problems
+  float* part_o;   // workspace (slices > 1): [slots, D] unnormalised outputs
+  float* part_ml;  // [slots, 2] (m, l) in the log2 domain
+  DecodeProblem p[kCap];
+};
+constexpr int kBatchCap = 32;  // problems per launch of a batch: ~14 KB of kernel parameters
+static_assert(sizeof(DecodeBatch<kBatchCap>) < 32000, "kernel parameters over the 32 KB limit");
+
+template <int kCap, typename F>
+__device__ __forceinline__ int find_problem(const DecodeBatch<kCap>& d, int64_t x, F key) {
+  int i = 0;
+  while (i + 1 < d.count && key(d.p[i + 1]) <= x) ++i;
+  return i;
+}
 
 template <int D>
 __device__ __forceinline__ int dswz(int r, int c) {  // as the tile kernel: conflict-free ldmatrix
@@ -32,10 +60,32 @@ __device__ __forceinline__ X sel3(int s, X x0, X x1, X x2) {  // no run-time-ind
   return s == 0 ? x0 : (s == 1 ? x1 : x2);
 }
 
-// q [B, n, Hq, D] with n * G <= 16 rows; grid (splits, Hq / G, B). Keys are numbered across the
+// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): wait until
+// the previous kernel in the stream has finished and its writes are visible, then let the next
+// kernel's blocks start (they wait for this whole grid in the same way).
+__device__ __forceinline__ void grid_dependency_wait_and_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Output element (batch b, query qi, head h, column c) and, at c = 0, its LSE from the merged
+// state of the row.
+template <typename T>
+__device__ __forceinline__ void store_final(const AttendArgs& a, int b, int h, int qi, int c,
+                                            float o, const SoftmaxState& st) {
+  T* out = static_cast<T*>(a.out) + b * a.o_sb + int64_t(qi) * a.o_st + h * a.o_sh;
+  out[c] = from_float<T>(st.l > 0.f ? o / st.l : 0.f);
+  if (a.lse && c == 0) a.lse[b * a.l_sb + h * a.l_sh + qi * a.l_st] = st.lse();
+}
+
+// Each problem's q is [B, n, Hq, D] with n * G <= 16 rows. Grid (slices, row groups): blockIdx.x
+// is the slice, blockIdx.y + gridDim.y * blockIdx.z the row group. Keys are numbered across the
 // segments (core, then sink, then local); the block owns numbers [v_begin, v_end).
-template <typename T, int D>
-__global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(const DecodeArgs d) {
+template <typename T, int D, int kCap>
+__global__ void __launch_bounds__(DecodeTile::kThreads)
+    attend_decode_kernel(const __grid_constant__ DecodeBatch<kCap> d) {
   constexpr int kWarps = DecodeTile::kWarps, kN = DecodeTile::kBlockN;
   constexpr int kStages = DecodeTile::kStages, kRows = DecodeTile::kMaxRows;
   constexpr int kThreads = DecodeTile::kThreads, kChunks = D / 8;
@@ -46,10 +96,18 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
   __shared__ int64_t s_rng[kRows][3][2];   // per query: [lo, hi) of each segment
   __shared__ float s_ml[kWarps][kRows][2];
 
-  const AttendArgs& a = d.a;
+  grid_dependency_wait_and_release();
+  const int64_t group = int64_t(blockIdx.z) * gridDim.y + blockIdx.y;
+  if (group >= d.groups) return;  // past the end in the grid's last z slice
+  const DecodeProblem& pr =
+      d.p[find_problem(d, group, [](const DecodeProblem& x) { return x.group0; })];
+  const AttendArgs& a = pr.a;
+  const int G = pr.G, splits = pr.splits, split = blockIdx.x;
+  if (split >= splits) return;  // a shorter problem of a ragged batch
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int split = blockIdx.x, h0 = blockIdx.y * d.G, b = blockIdx.z;
-  const int R = a.n * d.G;
+  const int64_t local_group = group - pr.group0;
+  const int h0 = int(local_group % (a.Hq / G)) * G, b = int(local_group / (a.Hq / G));
+  const int R = a.n * G;
 
   const Visible vf = visible_keys(a.variant, a.q_pos0);
   const Visible vl = visible_keys(a.variant, a.q_pos0 + a.n - 1);
@@ -66,7 +124,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
     seg_range(visible_keys(a.variant, a.q_pos0 + qi), s, s_rng[qi][s][0], s_rng[qi][s][1]);
   }
   const int64_t off1 = len[0], off2 = len[0] + len[1], total = off2 + len[2];
-  const int64_t per_split = (total + d.splits - 1) / d.splits;
+  const int64_t per_split = (total + splits - 1) / splits;
   const int64_t v_begin = min(total, int64_t(split) * per_split);
   const int64_t v_end = min(total, v_begin + per_split);
   const int ntiles = int((v_end - v_begin + kN - 1) / kN);
@@ -76,7 +134,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
   for (int i = tid; i < kRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const bool ok = r < R;
-    const int64_t src = ok ? b * a.q_sb + (r / d.G) * a.q_st + (h0 + r % d.G) * a.q_sh + c * 8 : 0;
+    const int64_t src = ok ? b * a.q_sb + (r / G) * a.q_st + (h0 + r % G) * a.q_sh + c * 8 : 0;
     cp_async_16(smem_addr(sQ + dswz<D>(r, c)), q + src, ok);
   }
   cp_async_commit();
@@ -133,7 +191,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
   // This thread's accumulator rows ra, rb = ra + 8 (rows >= R compute on zero queries and are
   // never stored; their range lookups use the last real row).
   const int ra = lane >> 2, rb = ra + 8;
-  const int qa = min(ra, R - 1) / d.G, qb = min(rb, R - 1) / d.G;
+  const int qa = min(ra, R - 1) / G, qb = min(rb, R - 1) / G;
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -244,25 +302,18 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
     }
   }
   __syncthreads();
+  // The block's state per (row, column), merged over the warps: the output, or a partial.
   for (int idx = tid; idx < R * D; idx += kThreads) {
     const int r = idx / D, c = idx % D;
     SoftmaxState st;
-    float o = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      float self_scale, other_scale, m_new;
-      st.merge_scales(s_ml[w][r][0], self_scale, other_scale, m_new);
-      o = o * self_scale + s_o[(w * kRows + r) * D + c] * other_scale;
-      st.l = st.l * self_scale + s_ml[w][r][1] * other_scale;
-      st.m = m_new;
-    }
-    const int qi = r / d.G, h = h0 + r % d.G;
-    if (d.splits == 1) {  // the whole row: final output
-      T* out = static_cast<T*>(a.out) + b * a.o_sb + int64_t(qi) * a.o_st + h * a.o_sh;
-      out[c] = from_float<T>(st.l > 0.f ? o / st.l : 0.f);
-      if (a.lse && c == 0) a.lse[b * a.l_sb + h * a.l_sh + qi * a.l_st] = st.lse();
+    const float o = merge_partials(
+        kWarps, [&](int w) { return make_float2(s_ml[w][r][0], s_ml[w][r][1]); },
+        [&](int w) { return s_o[(w * kRows + r) * D + c]; }, st);
+    const int qi = r / G, h = h0 + r % G;
+    if (splits == 1) {
+      store_final<T>(a, b, h, qi, c, o, st);
     } else {
-      const int64_t slot = ((int64_t(b) * a.Hq + h) * a.n + qi) * d.splits + split;
+      const int64_t slot = pr.slot0 + ((int64_t(b) * a.Hq + h) * a.n + qi) * splits + split;
       d.part_o[slot * D + c] = o;
       if (c == 0) {
         d.part_ml[slot * 2] = st.m;
@@ -272,31 +323,27 @@ __global__ void __launch_bounds__(DecodeTile::kThreads) attend_decode_kernel(con
   }
 }
 
-// Merges the key slices of each (b, h, query): out [B, n, Hq, D], lse [B, Hq, n]. One block of
-// D threads per row; grid B * Hq * n. The maximum comes first so the slices' loads are
-// independent (in flight together) rather than a chain of dependent rescales.
-template <typename T, int D>
-__global__ void __launch_bounds__(D) decode_merge_kernel(const DecodeArgs d) {
-  const AttendArgs& a = d.a;
-  const int64_t row = blockIdx.x;  // (b * Hq + h) * n + qi
-  const int qi = int(row % a.n), h = int((row / a.n) % a.Hq), b = int(row / (int64_t(a.n) * a.Hq));
+// Merges the key slices of each row (b, h, query) from the workspace: one block of D threads
+// per row of the launch; rows of problems with one slice were final already.
+template <typename T, int D, int kCap>
+__global__ void __launch_bounds__(D)
+    decode_merge_kernel(const __grid_constant__ DecodeBatch<kCap> d) {
+  grid_dependency_wait_and_release();
+  const int64_t row = blockIdx.x;
+  const DecodeProblem& pr =
+      d.p[find_problem(d, row, [](const DecodeProblem& x) { return x.row0; })];
+  if (pr.splits == 1) return;
+  const AttendArgs& a = pr.a;
+  const int64_t i = row - pr.row0;  // (b * Hq + h) * n + qi
+  const int qi = int(i % a.n), h = int((i / a.n) % a.Hq), b = int(i / (int64_t(a.n) * a.Hq));
   const int c = threadIdx.x;
-  const float* ml = d.part_ml + row * d.splits * 2;
-  const float* po = d.part_o + row * d.splits * D + c;
-  float m = -INFINITY;
-#pragma unroll 8
-  for (int s = 0; s < d.splits; ++s) m = fmaxf(m, ml[2 * s]);
-  const float base = m == -INFINITY ? 0.f : m;
-  float o = 0.f, l = 0.f;
-#pragma unroll 8
-  for (int s = 0; s < d.splits; ++s) {
-    const float w = exp2f(ml[2 * s] - base);
-    l += w * ml[2 * s + 1];
-    o += w * po[int64_t(s) * D];
-  }
-  T* out = static_cast<T*>(a.out) + b * a.o_sb + int64_t(qi) * a.o_st + h * a.o_sh;
-  out[c] = from_float<T>(l > 0.f ? o / l : 0.f);
-  if (a.lse && c == 0) a.lse[b * a.l_sb + h * a.l_sh + qi * a.l_st] = SoftmaxState{m, l}.lse();
+  const float* ml = d.part_ml + (pr.slot0 + i * pr.splits) * 2;
+  const float* po = d.part_o + (pr.slot0 + i * pr.splits) * D + c;
+  SoftmaxState st;
+  const float o = merge_partials(
+      pr.splits, [&](int s) { return make_float2(ml[2 * s], ml[2 * s + 1]); },
+      [&](int s) { return po[int64_t(s) * D]; }, st);
+  store_final<T>(a, b, h, qi, c, o, st);
 }
 
 // Query heads per block: those that share a KV head in every segment present.
@@ -305,6 +352,20 @@ int heads_per_block(const AttendProblem& p) {
   for (const KvSegment* s : {&p.core, &p.sink, &p.local})
     if (s->rows() > 0) max_heads = std::max<int64_t>(max_heads, s->k.shape[2]);
   return int(p.q.shape[2] / max_heads);
+}
+
+// Keys any query of `p` sees (the union over its rows, numbered across the segments).
+int64_t visible_union(const AttendProblem& p) {
+  const Visible vf = visible_keys(p.variant, p.q_pos0);
+  const Visible vl = visible_keys(p.variant, p.q_pos0 + p.q.shape[1] - 1);
+  int64_t total = 0;
+  for (int s = 0; s < 3; ++s) {
+    int64_t lo, hi, lo2, hi2;
+    seg_range(vf, s, lo, hi2);
+    seg_range(vl, s, lo2, hi);
+    total += std::max<int64_t>(0, hi - lo);
+  }
+  return total;
 }
 
 int sm_count() {
@@ -317,65 +378,114 @@ int sm_count() {
   return n;
 }
 
+// Programmatic dependent launch where the loaded binary is sm_90+ code (griddepcontrol) and
+// CCA_CUDA_PDL is not 0 (A/B runs). The next kernel's blocks may then start while this one's
+// last blocks run; every kernel here waits for its predecessor before touching memory.
+template <typename Kernel>
+bool use_pdl(Kernel kernel) {
+  cudaFuncAttributes fa;
+  CCA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  const char* e = std::getenv("CCA_CUDA_PDL");
+  return fa.binaryVersion >= 90 && !(e && e[0] == '0');
+}
+
+// Launches `kernel` (grid, threads, dynamic shared memory) on `stream` with PDL where `pdl`.
+template <typename Kernel, typename Args>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, bool pdl,
+            const Args& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = size_t(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  CCA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args));
+}
+
+// One launch (and, where a problem has several slices, a merge launch) for problems [0, count),
+// count <= kCap. Slices: one wave of kBlocksPerSm blocks per SM, shared between the problems in
+// proportion to their key counts (a long sequence of a ragged batch gets more slices), none
+// under kMinKeysPerSplit keys.
+template <typename T, int D, int kCap>
+void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int force_splits) {
+  DecodeBatch<kCap> d{};
+  d.count = count;
+  int64_t keys[kCap], work = 0;
+  for (int i = 0; i < count; ++i) {
+    DecodeProblem& x = d.p[i];
+    x.a = make_attend_args(ps[i]);
+    x.G = heads_per_block(ps[i]);
+    check(int64_t(x.a.n) * x.G <= DecodeTile::kMaxRows,
+          "decode kernel: too many query rows per KV head");
+    keys[i] = visible_union(ps[i]);
+    work += int64_t(x.a.B) * (x.a.Hq / x.G) * keys[i];
+  }
+  const double keys_per_block = double(work) / (DecodeTile::kBlocksPerSm * sm_count());
+  int max_splits = 1;
+  int64_t rows = 0, slots = 0;
+  for (int i = 0; i < count; ++i) {
+    DecodeProblem& x = d.p[i];
+    int64_t s = force_splits;
+    if (s <= 0)
+      s = std::clamp<int64_t>(std::llround(double(keys[i]) / keys_per_block), 1,
+                              std::max<int64_t>(1, keys[i] / DecodeTile::kMinKeysPerSplit));
+    x.splits = int(s);
+    x.group0 = d.groups;
+    x.row0 = rows;
+    x.slot0 = slots;
+    d.groups += int64_t(x.a.B) * (x.a.Hq / x.G);
+    rows += int64_t(x.a.B) * x.a.Hq * x.a.n;
+    slots += int64_t(x.a.B) * x.a.Hq * x.a.n * x.splits;
+    max_splits = std::max(max_splits, x.splits);
+  }
+  void* ws = max_splits > 1 ? scratch_alloc(slots * (D + 2) * 4, stream) : nullptr;
+  d.part_o = static_cast<float*>(ws);
+  d.part_ml = ws ? d.part_o + slots * D : nullptr;
+
+  constexpr int kSmem = DecodeTile::smem_bytes<D>();
+  auto kernel = attend_decode_kernel<T, D, kCap>;
+  static const bool pdl = [&] {  // once per instantiation
+    CCA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    return use_pdl(kernel);
+  }();
+  constexpr int64_t kMaxY = 65535;
+  const dim3 grid(unsigned(max_splits), unsigned(std::min(d.groups, kMaxY)),
+                  unsigned((d.groups + kMaxY - 1) / kMaxY));
+  launch(kernel, grid, DecodeTile::kThreads, kSmem, stream, pdl, d);
+  if (ws) {
+    launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), D, 0, stream, pdl, d);
+    scratch_free(ws, stream);
+  }
+}
+
 }  // namespace
 
 int64_t decode_rows(const AttendProblem& p) { return p.q.shape[1] * heads_per_block(p); }
 
-void launch_attend_decode(const AttendProblem& p, cudaStream_t stream, int splits) {
-  DecodeArgs d;
-  d.a = make_attend_args(p);
-  d.G = heads_per_block(p);
-  const int64_t R = int64_t(d.a.n) * d.G;
-  check(R <= DecodeTile::kMaxRows, "decode kernel: too many query rows per KV head");
-  const int64_t blocks = int64_t(d.a.B) * (d.a.Hq / d.G);
-  if (splits <= 0) {
-    // One wave of kBlocksPerSm resident blocks per SM (each streams its slice through the
-    // pipeline), but no slice under kMinKeysPerSplit keys.
-    const Visible vf = visible_keys(p.variant, p.q_pos0);
-    const Visible vl = visible_keys(p.variant, p.q_pos0 + d.a.n - 1);
-    int64_t total = 0;
-    for (int s = 0; s < 3; ++s) {
-      int64_t lo, hi, lo2, hi2;
-      seg_range(vf, s, lo, hi2);
-      seg_range(vl, s, lo2, hi);
-      total += std::max<int64_t>(0, hi - lo);
-    }
-    const int64_t want =
-        std::max<int64_t>(1, DecodeTile::kBlocksPerSm * int64_t(sm_count()) / blocks);
-    const int64_t cap = std::max<int64_t>(1, total / DecodeTile::kMinKeysPerSplit);
-    splits = int(std::min(want, cap));
-  }
-  d.splits = splits;
-  const int64_t D = p.q.shape[3];
-  void* ws = nullptr;
-  if (splits > 1) {
-    const int64_t slots = int64_t(d.a.B) * d.a.Hq * d.a.n * splits;
-    CCA_CUDA_CHECK(cudaMallocAsync(&ws, size_t(slots * (D + 2) * 4), stream));
-    d.part_o = static_cast<float*>(ws);
-    d.part_ml = d.part_o + slots * D;
-  } else {
-    d.part_o = d.part_ml = nullptr;
-  }
-  dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {
+void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream_t stream,
+                          int force_splits) {
+  if (problems.empty()) return;
+  const AttendProblem& p0 = problems.front();
+  for (const AttendProblem& p : problems)
+    check(p.q.dtype == p0.q.dtype && p.q.shape[3] == p0.q.shape[3],
+          "decode batch: every problem needs the dtype and head dim of the first");
+  dispatch_dtype_dim(p0.q.dtype, p0.q.shape[3], [&](auto type_tag, auto dim_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int kD = decltype(dim_tag)::value;
-    constexpr int kSmem = DecodeTile::smem_bytes<kD>();
-    auto kernel = attend_decode_kernel<T, kD>;
-    static bool configured = false;  // per instantiation
-    if (!configured) {
-      CCA_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      configured = true;
+    if (problems.size() == 1) {  // small kernel parameters for the common single problem
+      launch_batch<T, kD, 1>(problems.data(), 1, stream, force_splits);
+      return;
     }
-    const dim3 grid(unsigned(splits), unsigned(d.a.Hq / d.G), unsigned(d.a.B));
-    kernel<<<grid, DecodeTile::kThreads, kSmem, stream>>>(d);
-    CCA_CUDA_CHECK_LAUNCH("attend_decode_kernel");
-    if (splits > 1) {
-      decode_merge_kernel<T, kD><<<unsigned(int64_t(d.a.B) * d.a.Hq * d.a.n), kD, 0, stream>>>(d);
-      CCA_CUDA_CHECK_LAUNCH("decode_merge_kernel");
+    for (size_t i = 0; i < problems.size(); i += kBatchCap) {
+      const int n = int(std::min<size_t>(kBatchCap, problems.size() - i));
+      launch_batch<T, kD, kBatchCap>(problems.data() + i, n, stream, force_splits);
     }
   });
-  if (ws) CCA_CUDA_CHECK(cudaFreeAsync(ws, stream));
 }
 
 }  // namespace cca::cuda

@@ -120,4 +120,24 @@ struct SoftmaxState {
   }
 };
 
+// Merges n partial states (disjoint keys) into `st` and returns the merged unnormalised output:
+// ml(k) is partial k's (m, l), o(k) its output. The maximum comes first, so the n loads are
+// independent (in flight together) rather than a chain of dependent rescales.
+template <typename ML, typename O>
+__device__ __forceinline__ float merge_partials(int n, ML ml, O o, SoftmaxState& st) {
+  float m = -INFINITY;
+  for (int k = 0; k < n; ++k) m = fmaxf(m, ml(k).x);
+  const float base = m == -INFINITY ? 0.f : m;  // all empty: zeros, no NaN
+  float acc = 0.f, l = 0.f;
+  for (int k = 0; k < n; ++k) {
+    const float2 x = ml(k);
+    const float w = exp2f(x.x - base);
+    l += w * x.y;
+    acc += w * o(k);
+  }
+  st.m = m;
+  st.l = l;
+  return acc;
+}
+
 }  // namespace cca::cuda

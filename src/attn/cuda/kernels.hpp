@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "backend.hpp"
 
 namespace cca::cuda {
@@ -17,11 +19,21 @@ void launch_attend_tiles(const AttendProblem& p, cudaStream_t stream);
 // code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_WGMMA != 0); returns
 // false, launching nothing, otherwise.
 bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream);
-// Split-KV decode for few query rows; `splits` <= 0 picks the split count from the GPU size.
-void launch_attend_decode(const AttendProblem& p, cudaStream_t stream, int splits = 0);
+// Split-KV decode for few query rows (decode_rows(p) <= DecodeTile::kMaxRows), one launch for
+// all `problems` (a ragged batch: each its own lengths, batch size and tensors; one dtype and
+// head dim). `force_splits` > 0 sets every problem's key slices (tests); 0 picks them from the
+// GPU size and the problems' lengths.
+void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream_t stream,
+                          int force_splits = 0);
 void launch_pool(const PoolProblem& p, cudaStream_t stream);
 // dst = src for two [B, n, H, D] views of the same shape and 16-bit or 32-bit dtype.
 void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream_t stream);
+
+// Stream-ordered scratch memory from the backend's own pool (device.cpp), which keeps up to
+// 256 MB of freed memory for reuse: the default pool returns it at every synchronisation, and
+// mapping it again costs more than a decode step.
+void* scratch_alloc(int64_t bytes, cudaStream_t stream);
+void scratch_free(void* ptr, cudaStream_t stream);
 
 // Per-view layout the vectorised kernels need: 16-byte aligned base and row strides.
 bool rows_aligned_16(const TensorView& t);
