@@ -136,54 +136,10 @@ __global__ void __launch_bounds__(AttendTile<D>::kThreads) attend_tiles_kernel(c
         int64_t a_lo, a_hi, b_lo, b_hi;
         seg_range(visible_keys(a.variant, ta), s, a_lo, a_hi);
         seg_range(visible_keys(a.variant, tb), s, b_lo, b_hi);
-        const int64_t base = p0 + 2 * (lane & 3);
-#pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t pos = base + nt * 8 + (e & 1);
-            const bool ok = e < 2 ? (pos >= a_lo && pos < a_hi) : (pos >= b_lo && pos < b_hi);
-            if (!ok) sc[nt][e] = -INFINITY;
-          }
-        }
+        mask_rows(sc, p0, lane, a_lo, a_hi, b_lo, b_hi);
       }
 
-      // Online softmax: rows are spread over the 4 lanes of a quad.
-      float mx_a = m_a, mx_b = m_b;
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
-        mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
-      }
-#pragma unroll
-      for (int off = 1; off <= 2; off <<= 1) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-      }
-      const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // no key yet: keep zeros, no NaN
-      const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
-      const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
-      m_a = mx_a;
-      m_b = mx_b;
-      float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        sc[nt][0] = exp2f(sc[nt][0] - base_a);
-        sc[nt][1] = exp2f(sc[nt][1] - base_a);
-        sc[nt][2] = exp2f(sc[nt][2] - base_b);
-        sc[nt][3] = exp2f(sc[nt][3] - base_b);
-        sum_a += sc[nt][0] + sc[nt][1];
-        sum_b += sc[nt][2] + sc[nt][3];
-      }
-      l_a = l_a * corr_a + sum_a;
-      l_b = l_b * corr_b + sum_b;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][0] *= corr_a;
-        acc[dt][1] *= corr_a;
-        acc[dt][2] *= corr_b;
-        acc[dt][3] *= corr_b;
-      }
+      online_softmax_step(sc, acc, m_a, m_b, l_a, l_b);
 
       // O += P V: the S accumulators of two adjacent key octets are an A fragment as they are.
 #pragma unroll

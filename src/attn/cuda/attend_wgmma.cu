@@ -199,28 +199,10 @@ __global__ void __launch_bounds__(384, 1)
       int64_t a_lo, a_hi, b_lo, b_hi;
       seg_range(visible_keys(a.variant, ta), s, a_lo, a_hi);
       seg_range(visible_keys(a.variant, tb), s, b_lo, b_hi);
-      const int64_t base = p0 + 2 * (lane & 3);
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t pos = base + nt * 8 + (e & 1);
-          const bool ok = e < 2 ? (pos >= a_lo && pos < a_hi) : (pos >= b_lo && pos < b_hi);
-          if (!ok) sc[nt][e] = -INFINITY;
-        }
+      mask_rows(sc, p0, lane, a_lo, a_hi, b_lo, b_hi);
     }
-    // Rows are spread over the 4 lanes of a quad.
-    float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
-      mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-    }
+    float mx_a, mx_b;
+    quad_row_max(sc, mx_a, mx_b);
     mx_a = fmaxf(m_a, mx_a * scale);
     mx_b = fmaxf(m_b, mx_b * scale);
     const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // no key yet: keep zeros, no NaN

@@ -235,35 +235,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
         sc[nt][2 + j] = ok_b ? sc[nt][2 + j] * a.scale_log2 : -INFINITY;
       }
 
-    // Online softmax over this warp's keys; rows are spread over the 4 lanes of a quad.
-    float mx_a = fmaxf(m_a, fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1])));
-    float mx_b = fmaxf(m_b, fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3])));
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-    }
-    const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // no key yet: keep zeros, no NaN
-    const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
-    const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
-    m_a = mx_a;
-    m_b = mx_b;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      sc[nt][0] = exp2f(sc[nt][0] - base_a);
-      sc[nt][1] = exp2f(sc[nt][1] - base_a);
-      sc[nt][2] = exp2f(sc[nt][2] - base_b);
-      sc[nt][3] = exp2f(sc[nt][3] - base_b);
-    }
-    l_a = l_a * corr_a + sc[0][0] + sc[0][1] + sc[1][0] + sc[1][1];
-    l_b = l_b * corr_b + sc[0][2] + sc[0][3] + sc[1][2] + sc[1][3];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      acc[dt][0] *= corr_a;
-      acc[dt][1] *= corr_a;
-      acc[dt][2] *= corr_b;
-      acc[dt][3] *= corr_b;
-    }
+    online_softmax_step(sc, acc, m_a, m_b, l_a, l_b);  // over this warp's keys
     // O += P V over this warp's 16 keys.
     const uint32_t pf[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
                             pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};

@@ -120,6 +120,78 @@ struct SoftmaxState {
   }
 };
 
+// ---- online softmax over mma.sync/wgmma accumulator fragments --------------------------------
+// A thread holds two rows of a 16-row tile: row a in elements 0-1 and row b in elements 2-3 of
+// each 8-key fragment sc[nt]; the 4 lanes of a quad share the rows.
+
+// sc = -inf for the keys a row does not see: fragment nt, element e holds the key at position
+// p0 + 8 nt + 2 (lane % 4) + (e & 1); row a sees [a_lo, a_hi), row b [b_lo, b_hi).
+template <int NT>
+__device__ __forceinline__ void mask_rows(float (&sc)[NT][4], int64_t p0, int lane, int64_t a_lo,
+                                          int64_t a_hi, int64_t b_lo, int64_t b_hi) {
+  const int64_t base = p0 + 2 * (lane & 3);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t pos = base + nt * 8 + (e & 1);
+      const bool ok = e < 2 ? (pos >= a_lo && pos < a_hi) : (pos >= b_lo && pos < b_hi);
+      if (!ok) sc[nt][e] = -INFINITY;
+    }
+}
+
+// Maximum of each row over sc, across the quad.
+template <int NT>
+__device__ __forceinline__ void quad_row_max(const float (&sc)[NT][4], float& mx_a, float& mx_b) {
+  mx_a = mx_b = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
+    mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
+  }
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+  }
+}
+
+// One step over logits already scaled into the log2 domain (-inf where masked): sc becomes the
+// unnormalised probabilities, the rows' (m, l) advance and acc is rescaled onto the new maxima.
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&sc)[NT][4], float (&acc)[DT][4],
+                                                    float& m_a, float& m_b, float& l_a,
+                                                    float& l_b) {
+  float mx_a, mx_b;
+  quad_row_max(sc, mx_a, mx_b);
+  mx_a = fmaxf(m_a, mx_a);
+  mx_b = fmaxf(m_b, mx_b);
+  const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // no key yet: keep zeros, no NaN
+  const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
+  const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+  m_a = mx_a;
+  m_b = mx_b;
+  float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    sc[nt][0] = exp2f(sc[nt][0] - base_a);
+    sc[nt][1] = exp2f(sc[nt][1] - base_a);
+    sc[nt][2] = exp2f(sc[nt][2] - base_b);
+    sc[nt][3] = exp2f(sc[nt][3] - base_b);
+    sum_a += sc[nt][0] + sc[nt][1];
+    sum_b += sc[nt][2] + sc[nt][3];
+  }
+  l_a = l_a * corr_a + sum_a;
+  l_b = l_b * corr_b + sum_b;
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    acc[dt][0] *= corr_a;
+    acc[dt][1] *= corr_a;
+    acc[dt][2] *= corr_b;
+    acc[dt][3] *= corr_b;
+  }
+}
+
 // Merges n partial states (disjoint keys) into `st` and returns the merged unnormalised output:
 // ml(k) is partial k's (m, l), o(k) its output. The maximum comes first, so the n loads are
 // independent (in flight together) rather than a chain of dependent rescales.
