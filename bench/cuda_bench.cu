@@ -296,8 +296,8 @@ int main(int argc, char** argv) {
         dp.q = view(static_cast<char*>(qd.p) + j * Hq * D * 2, 1, 1, Hq, D);
         dp.q_pos0 = t;
         if (n_core > 0) {
-          bufs.emplace_back(new Buf(std::max<int64_t>(n_core, 1) * Hkv * D * 2, 20 + j));
-          bufs.emplace_back(new Buf(std::max<int64_t>(n_core, 1) * Hkv * D * 2, 40 + j));
+          bufs.emplace_back(new Buf(n_core * Hkv * D * 2, 20 + j));
+          bufs.emplace_back(new Buf(n_core * Hkv * D * 2, 40 + j));
           dp.core = cca::KvSegment{view(bufs[bufs.size() - 2]->p, 1, n_core, Hkv, D),
                                    view(bufs.back()->p, 1, n_core, Hkv, D), 0};
         }

@@ -22,6 +22,7 @@ class Scratch {
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+  // An aligned contiguous copy of `t` (copied in if `fill`); `t` itself when already aligned.
   TensorView aligned(const TensorView& t, bool fill) {
     if (!t.data || rows_aligned_16(t)) return t;
     void* p = scratch_alloc(t.numel() * dtype_size(t.dtype), stream_);

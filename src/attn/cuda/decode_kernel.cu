@@ -40,7 +40,7 @@ struct DecodeBatch {
   float* part_ml;  // [slots, 2] (m, l) in the log2 domain
   DecodeProblem p[kCap];
 };
-constexpr int kBatchCap = 32;  // problems per launch of a batch: ~14 KB of kernel parameters
+constexpr int kBatchCap = 32;  // problems per launch of a batch: 15 KB of kernel parameters
 static_assert(sizeof(DecodeBatch<kBatchCap>) < 32000, "kernel parameters over the 32 KB limit");
 
 template <int kCap, typename F>
