@@ -9,12 +9,27 @@
 
 namespace cca {
 
+// Fixed capacity of a cache: tokens in all, and tokens per append.
+struct KvCacheCapacity {
+  int64_t max_tokens = 0;  // 0: no fixed capacity (the stores grow)
+  int64_t max_chunk = 0;   // tokens per append; 0 = max_tokens
+};
+
+// Bytes a cache of fixed `capacity` allocates (keys and values), without allocating.
+int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64_t hq,
+                                int64_t hkv, int64_t head_dim, DType dtype,
+                                const KvCacheCapacity& capacity);
+
 class KvCache {
  public:
   // A cache for `batch` sequences that advance together. Inputs given to append() must have
   // this dtype; the cache stores keys and values in it.
+  // With `capacity` (max_tokens > 0) every store is allocated once, here, at the size the
+  // variant bounds it to (cca: floor(max_tokens/g) core tokens and a raw window of 2(s + g +
+  // max_chunk) rows), and append() never allocates: it refuses a sequence past max_tokens or a
+  // chunk longer than max_chunk. Without it the stores grow as tokens arrive.
   KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t hkv, int64_t head_dim,
-          DType dtype, RunOptions run = {});
+          DType dtype, RunOptions run = {}, const KvCacheCapacity& capacity = {});
   ~KvCache();
   KvCache(KvCache&&) noexcept;
   KvCache& operator=(KvCache&&) noexcept;
@@ -29,6 +44,8 @@ class KvCache {
   int64_t core_tokens() const;  // core tokens held
   int64_t raw_tokens() const;   // raw tokens held (window and sinks)
   int64_t memory_bytes() const; // bytes of keys and values held
+  int64_t allocated_bytes() const;  // bytes of the stores as allocated
+  DType dtype() const;
   // Bytes a full (uncompressed) cache would hold for the same tokens.
   int64_t full_cache_bytes() const;
   const VariantSpec& variant() const;

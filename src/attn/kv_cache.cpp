@@ -5,6 +5,7 @@
 // All memory goes through the backend (host or device), so the same code drives every backend.
 #include "cca/kv_cache.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -25,7 +26,7 @@ class Store {
     if (this != &o) {
       release();
       be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, stream_ = o.stream_, cap_ = o.cap_,
-      data_ = o.data_;
+      data_ = o.data_, fixed_ = o.fixed_;
       o.data_ = nullptr;
       o.cap_ = 0;
     }
@@ -38,11 +39,30 @@ class Store {
     return v.slice(1, row0, count);
   }
   int64_t capacity() const { return cap_; }
+  int64_t bytes() const { return B_ * cap_ * H_ * D_ * dtype_size(dtype_); }
+
+  // Allocates `cap` rows once; the store then never grows.
+  void allocate_fixed(int64_t cap) {
+    release();
+    cap_ = cap;
+    fixed_ = true;
+    if (cap > 0) data_ = be_->alloc(bytes());
+  }
 
   // Makes room for `needed` rows, keeping rows [keep0, keep0 + keep) which move to row 0 when
   // the buffer is reallocated. Returns the new row of the first kept row.
+  // A fixed store (allocate_fixed) never reallocates: it moves the kept rows to row 0 within
+  // the buffer, which its capacity (twice the most rows it holds) keeps free of overlap.
   int64_t reserve(int64_t needed, int64_t keep0, int64_t keep) {
     if (keep0 + needed <= cap_) return keep0;
+    if (fixed_) {
+      check(needed <= cap_ && keep <= keep0,
+            "KvCache: " + std::to_string(needed) + " rows do not fit the fixed capacity of " +
+                std::to_string(cap_) + " rows (a longer sequence or chunk than the cache was "
+                "made for)");
+      if (keep > 0) be_->copy_tensor(rows(0, keep), rows(keep0, keep), stream_);
+      return 0;
+    }
     const int64_t cap = std::max<int64_t>(16, 2 * needed);
     void* data = be_->alloc(B_ * cap * H_ * D_ * dtype_size(dtype_));
     Store fresh(*be_, B_, H_, D_, dtype_, stream_);
@@ -64,7 +84,25 @@ class Store {
   void* stream_ = nullptr;  // copies are ordered with the cache's kernels
   int64_t cap_ = 0;
   void* data_ = nullptr;
+  bool fixed_ = false;
 };
+
+// Rows each store of a fixed-capacity cache needs: core, sink, raw.
+struct StoreRows {
+  int64_t core, sink, raw;
+};
+StoreRows fixed_rows(const VariantSpec& v, const KvCacheCapacity& c) {
+  const int64_t chunk = c.max_chunk > 0 ? std::min(c.max_chunk, c.max_tokens) : c.max_tokens;
+  StoreRows r;
+  r.core = v.has_core() ? c.max_tokens / v.group : 0;
+  r.sink = v.has_sinks() ? std::min(v.sinks, c.max_tokens) : 0;
+  // The raw window keeps at most window + group - 1 positions (cca; window for the others), and
+  // full attention keeps everything. Twice the most live rows lets the window slide with one
+  // non-overlapping move (Store::reserve).
+  const int64_t live = v.kind == VariantKind::full ? c.max_tokens : v.window + v.group + chunk;
+  r.raw = v.kind == VariantKind::full ? c.max_tokens : std::min(2 * live, 2 * c.max_tokens);
+  return r;
+}
 
 }  // namespace
 
@@ -81,6 +119,8 @@ struct KvCache::Impl {
   int64_t raw_begin = 0;  // first raw position held in the window
   int64_t raw_off = 0;    // its row in raw_k / raw_v
 
+  KvCacheCapacity capacity;
+
   Impl(const VariantSpec& v, int64_t b, int64_t hq, int64_t hkv, int64_t d, DType dt,
        RunOptions r, const Backend& backend)
       : variant(v), B(b), Hq(hq), Hkv(hkv), D(d), Hc(v.core_heads(hq, hkv)), dtype(dt), run(r),
@@ -93,9 +133,29 @@ struct KvCache::Impl {
     return KvSegment{raw_k.rows(raw_off, rows), raw_v.rows(raw_off, rows), raw_begin};
   }
 
+  void allocate_fixed(const KvCacheCapacity& c) {
+    capacity = c;
+    const StoreRows r = fixed_rows(variant, c);
+    core_k.allocate_fixed(r.core);
+    core_v.allocate_fixed(r.core);
+    sink_k.allocate_fixed(r.sink);
+    sink_v.allocate_fixed(r.sink);
+    raw_k.allocate_fixed(r.raw);
+    raw_v.allocate_fixed(r.raw);
+  }
+
   void check_chunk(const TensorView& q, const TensorView& k, const TensorView& v,
                    const TensorView& out, const TensorView& lse) const {
     check_qkv(q, k, v);
+    if (capacity.max_tokens > 0) {
+      const int64_t c = q.shape[1];
+      check(n + c <= capacity.max_tokens,
+            "KvCache: " + std::to_string(n + c) + " tokens exceed the cache's capacity of " +
+                std::to_string(capacity.max_tokens));
+      check(capacity.max_chunk <= 0 || c <= capacity.max_chunk,
+            "KvCache: a chunk of " + std::to_string(c) + " tokens exceeds the cache's limit of " +
+                std::to_string(capacity.max_chunk) + " per append");
+    }
     check_attn_out(q, out, lse);
     std::ostringstream want;
     want << "this cache holds B = " << B << ", Hq = " << Hq << ", Hkv = " << Hkv << ", D = " << D
@@ -198,7 +258,7 @@ struct KvCache::Impl {
 };
 
 KvCache::KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t hkv,
-                 int64_t head_dim, DType dtype, RunOptions run) {
+                 int64_t head_dim, DType dtype, RunOptions run, const KvCacheCapacity& capacity) {
   variant.validate();
   std::ostringstream bad;
   bad << "KvCache: batch = " << batch << ", Hq = " << hq << ", Hkv = " << hkv
@@ -207,6 +267,17 @@ KvCache::KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t 
   const Backend& be =
       get_backend(run.backend, run.backend == BackendKind::cuda ? Device::cuda : Device::cpu);
   impl_ = std::make_unique<Impl>(variant, batch, hq, hkv, head_dim, dtype, run, be);
+  check(capacity.max_tokens >= 0 && capacity.max_chunk >= 0,
+        "KvCache: capacity must be >= 0 (0 = growing stores)");
+  if (capacity.max_tokens > 0) impl_->allocate_fixed(capacity);
+}
+
+int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64_t hq,
+                                int64_t hkv, int64_t head_dim, DType dtype,
+                                const KvCacheCapacity& capacity) {
+  const StoreRows r = fixed_rows(variant, capacity);
+  const int64_t per_row = batch * head_dim * dtype_size(dtype);
+  return 2 * per_row * (r.core * variant.core_heads(hq, hkv) + (r.sink + r.raw) * hkv);
 }
 KvCache::~KvCache() = default;
 KvCache::KvCache(KvCache&&) noexcept = default;
@@ -228,6 +299,14 @@ int64_t KvCache::full_cache_bytes() const {
   return 2 * m.B * m.D * dtype_size(m.dtype) * m.n * m.Hkv;
 }
 const VariantSpec& KvCache::variant() const { return impl_->variant; }
+DType KvCache::dtype() const { return impl_->dtype; }
+int64_t KvCache::allocated_bytes() const {
+  const Impl& m = *impl_;
+  int64_t b = 0;
+  for (const Store* s : {&m.core_k, &m.core_v, &m.sink_k, &m.sink_v, &m.raw_k, &m.raw_v})
+    b += s->bytes();
+  return b;
+}
 
 static bool same_variant(const VariantSpec& a, const VariantSpec& b) {
   const bool same_scale = a.scale == b.scale || (std::isnan(a.scale) && std::isnan(b.scale));
