@@ -1,0 +1,467 @@
+#include "engine/engine.hpp"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <sstream>
+
+#include "cca/error.hpp"
+#include "model/safetensors.hpp"
+#include "policy.hpp"
+
+namespace cca::engine {
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+std::string gib(int64_t bytes) {
+  std::ostringstream o;
+  o.precision(2);
+  o << std::fixed << double(bytes) / double(int64_t(1) << 30) << " GiB";
+  return o.str();
+}
+
+}  // namespace
+
+const char* device_choice_name(DeviceChoice d) {
+  switch (d) {
+    case DeviceChoice::automatic: return "auto";
+    case DeviceChoice::cpu: return "cpu";
+    case DeviceChoice::cuda: return "cuda";
+  }
+  return "?";
+}
+
+DeviceChoice parse_device_choice(const std::string& s) {
+  for (auto d : {DeviceChoice::automatic, DeviceChoice::cpu, DeviceChoice::cuda})
+    if (s == device_choice_name(d)) return d;
+  throw Error("unknown device '" + s + "' (expected cpu, cuda or auto)");
+}
+
+int64_t Sequence::kv_bytes() const {
+  int64_t b = 0;
+  for (const KvCache& c : caches_) b += c.memory_bytes();
+  return b;
+}
+int64_t Sequence::full_kv_bytes() const {
+  int64_t b = 0;
+  for (const KvCache& c : caches_) b += c.full_cache_bytes();
+  return b;
+}
+int64_t Sequence::allocated_bytes() const {
+  int64_t b = 0;
+  for (const KvCache& c : caches_) b += c.allocated_bytes();
+  return b;
+}
+
+double NllResult::ppl() const { return std::exp(mean_nll()); }
+
+DevicePlan plan_device(const EngineOptions& opt, const model::ModelConfig& cfg,
+                       const model::Checkpoint& ck) {
+  const model::TensorInfo* t = ck.find("model.embed_tokens.weight");
+  const DType stored = t ? t->dtype : DType::f32;
+  // Why this model cannot run on the GPU as asked ("" when it can).
+  std::string why_not = backend_unavailable_reason(BackendKind::cuda);
+  if (!why_not.empty()) why_not = "no usable CUDA GPU: " + why_not;
+  if (why_not.empty() && cfg.head_dim != 64 && cfg.head_dim != 128)
+    why_not = "the GPU attention kernels take head_dim 64 or 128, this model has " +
+              std::to_string(cfg.head_dim) + " (--device cpu runs it)";
+  const std::optional<DType> want = opt.dtype;
+  if (why_not.empty() && want && *want == DType::f32)
+    why_not = "the GPU runs bfloat16 or float16 weights, not float32";
+  if (why_not.empty() && !want && stored == DType::f32)
+    why_not = "this checkpoint is float32; pass --dtype bfloat16 (or float16) to convert it "
+              "for the GPU at load";
+  if (why_not.empty() && opt.kv_dtype && *opt.kv_dtype == DType::f32)
+    why_not = "the GPU attention kernels take bfloat16 or float16 caches, not float32";
+
+  DevicePlan p;
+  if (opt.device == DeviceChoice::cuda) check(why_not.empty(), "--device cuda: " + why_not);
+  if (opt.device != DeviceChoice::cpu && why_not.empty()) {
+    p.device = Device::cuda;
+    p.dtype = want.value_or(stored);
+    p.kv_dtype = opt.kv_dtype.value_or(p.dtype);
+    return p;
+  }
+  if (opt.device == DeviceChoice::automatic) p.note = "running on the CPU: " + why_not;
+  check(opt.device != DeviceChoice::cpu || !want || *want == DType::f32,
+        std::string("the CPU runs float32 weights; --dtype ") + dtype_name(*want) +
+            " is for --device cuda");
+  p.device = Device::cpu;
+  p.dtype = DType::f32;
+  p.kv_dtype = opt.kv_dtype.value_or(DType::f32);
+  return p;
+}
+
+Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(opt) {
+  opt_.variant.validate();
+  check(opt_.chunk >= 0, "chunk size must be >= 1, got " + std::to_string(opt_.chunk));
+  check(opt_.max_batch >= 1, "batch size must be >= 1, got " + std::to_string(opt_.max_batch));
+  check(opt_.plan_tokens >= 0, "planned tokens must be >= 0");
+  const model::ModelConfig cfg = model::load_model_config(model_dir);
+  const model::Checkpoint ck = model::Checkpoint::open(model_dir);
+  model::check_tensors(ck, cfg);
+  device_plan_ = plan_device(opt_, cfg, ck);
+  ctx_ = std::make_unique<ops::Context>(device_plan_.device == Device::cuda
+                                            ? ops::Context::cuda()
+                                            : ops::Context::cpu(opt_.threads));
+  const Device dev = ctx_->device();
+  const DType dt = device_plan_.dtype;
+  kv_dtype_ = device_plan_.kv_dtype;
+  if (opt_.chunk == 0) opt_.chunk = dev == Device::cuda ? 8192 : 256;
+  // A step never needs more rows than the tokens planned (a short prompt with a huge --chunk).
+  const int64_t rows = std::max(
+      opt_.max_batch, opt_.plan_tokens > 0 ? std::min(opt_.chunk, opt_.plan_tokens) : opt_.chunk);
+  const int64_t logit_rows = std::max<int64_t>(opt_.max_batch, 32);
+
+  // Everything this run allocates, checked against free memory before any weight is read.
+  const int64_t elem = dtype_size(kv_dtype_);
+  if (dev == Device::cuda) {
+    plan_.weights = model::weights_bytes(cfg, dt);
+    if (opt_.plan_tokens > 0)
+      plan_.caches = opt_.max_batch * cfg.num_layers *
+                     kv_cache_capacity_bytes(opt_.variant, 1, cfg.num_heads, cfg.num_kv_heads,
+                                             cfg.head_dim, kv_dtype_,
+                                             {opt_.plan_tokens, opt_.chunk});
+  } else {
+    const model::TensorInfo* t = ck.find("model.embed_tokens.weight");
+    if (t && t->dtype != DType::f32) plan_.weights = model::weights_bytes(cfg, DType::f32);
+    plan_.caches = opt_.max_batch * kv_cache_bytes(cfg, opt_.variant, opt_.plan_tokens, elem);
+  }
+  plan_.activations = model::Activations::bytes(cfg, dt, rows, logit_rows, kv_dtype_);
+  int64_t free_b = 0, total_b = 0;
+  ctx_->memory_info(&free_b, &total_b);
+  const int64_t margin = dev == Device::cuda ? (int64_t(1) << 30) : 0;  // kernels' scratch, cuBLAS
+  if (plan_.total() + margin > free_b) {
+    std::ostringstream o;
+    o << "not enough " << (dev == Device::cuda ? "GPU" : "host") << " memory on "
+      << ctx_->describe() << ": this run needs " << gib(plan_.total() + margin)
+      << " (weights " << gib(plan_.weights) << " in " << dtype_name(dt) << ", caches "
+      << gib(plan_.caches) << " for " << opt_.max_batch << " x " << opt_.plan_tokens << " tokens of "
+      << opt_.variant.describe() << " in " << dtype_name(kv_dtype_) << ", activations "
+      << gib(plan_.activations) << " for " << rows << "-token steps";
+    if (margin) o << ", " << gib(margin) << " for kernels";
+    o << ") and " << gib(free_b) << " of " << gib(total_b) << " is free";
+    if (opt_.variant.kind == VariantKind::full) o << "; the cca variant's cache is much smaller";
+    o << "; a smaller --chunk or context, or --device cpu, may fit";
+    throw Error(o.str());
+  }
+  model_ = std::make_unique<model::Model>(model_dir, *ctx_, dt);
+  acts_ = std::make_unique<model::Activations>(*model_, rows, logit_rows, kv_dtype_);
+}
+
+Engine::~Engine() {
+  acts_.reset();
+  model_.reset();
+}
+
+int64_t Engine::peak_memory_bytes() const {
+  if (device() == Device::cuda) return peak_device_;
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return int64_t(u.ru_maxrss) * 1024;
+}
+
+std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) const {
+  check(max_tokens >= 1, "a sequence needs room for at least one token");
+  auto s = std::make_unique<Sequence>();
+  const bool fixed = device() == Device::cuda;
+  s->capacity_ = fixed ? max_tokens : 0;
+  if (fixed) {
+    const model::ModelConfig& c = config();
+    const int64_t need = c.num_layers * kv_cache_capacity_bytes(opt_.variant, 1, c.num_heads,
+                                                                c.num_kv_heads, c.head_dim,
+                                                                kv_dtype_, {max_tokens, opt_.chunk});
+    int64_t free_b = 0, total_b = 0;
+    ctx_->memory_info(&free_b, &total_b);
+    check(need <= free_b, "not enough GPU memory for the caches of a " +
+                              std::to_string(max_tokens) + "-token sequence (" +
+                              opt_.variant.describe() + ", " + dtype_name(kv_dtype_) + "): " +
+                              gib(need) + " needed, " + gib(free_b) + " free");
+  }
+  s->caches_ = model::make_caches(*model_, opt_.variant, kv_dtype_, fixed ? max_tokens : 0,
+                                  fixed ? opt_.chunk : 0);
+  return s;
+}
+
+void Engine::step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens) {
+  check(!seqs.empty() && seqs.size() == tokens.size(), "a step needs one token list per sequence");
+  check(int64_t(seqs.size()) <= opt_.max_batch,
+        "a step of " + std::to_string(seqs.size()) + " sequences exceeds the engine's batch of " +
+            std::to_string(opt_.max_batch));
+  ids_.clear();
+  pos_.clear();
+  slices_.clear();
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    Sequence& s = *seqs[i];
+    const TokenIds& t = *tokens[i];
+    check(!t.empty(), "a step gives each sequence at least one token");
+    check(s.capacity_ == 0 || s.length_ + int64_t(t.size()) <= s.capacity_,
+          "the sequence is full: " + std::to_string(s.length_ + int64_t(t.size())) +
+              " tokens exceed its capacity of " + std::to_string(s.capacity_));
+    slices_.push_back({&s.caches_, int64_t(ids_.size()), int64_t(t.size())});
+    for (size_t j = 0; j < t.size(); ++j) {
+      ids_.push_back(t[j]);
+      pos_.push_back(int32_t(s.length_ + int64_t(j)));
+    }
+  }
+  const int64_t n = int64_t(ids_.size());
+  check(n <= acts_->rows(), "a step of " + std::to_string(n) + " tokens exceeds the " +
+                                std::to_string(acts_->rows()) + "-token step size");
+  acts_->set_tokens(ids_.data(), pos_.data(), n);
+  model::forward(*acts_, slices_, n);
+  for (size_t i = 0; i < seqs.size(); ++i) seqs[i]->length_ += int64_t(tokens[i]->size());
+  step_rows_ = n;
+  if (device() == Device::cuda) {
+    int64_t free_b = 0, total_b = 0;
+    ctx_->memory_info(&free_b, &total_b);
+    peak_device_ = std::max(peak_device_, total_b - free_b);
+  }
+}
+
+void Engine::logits(std::span<const int32_t> rows, std::vector<float>& out) {
+  const int64_t m = int64_t(rows.size()), V = config().vocab_size;
+  for (int32_t r : rows) check(r >= 0 && r < step_rows_, "logits of a row the step did not run");
+  acts_->set_logit_rows(rows.data(), m);
+  model::compute_logits(*acts_, m);
+  out.resize(size_t(m * V));
+  ctx_->download(out.data(), acts_->logits.data, m * V * 4);
+}
+
+std::vector<int32_t> Engine::argmax(std::span<const int32_t> rows) {
+  const int64_t m = int64_t(rows.size());
+  for (int32_t r : rows) check(r >= 0 && r < step_rows_, "argmax of a row the step did not run");
+  acts_->set_logit_rows(rows.data(), m);
+  model::compute_logits(*acts_, m);
+  // The ids land in the (now free) row-index buffer's host twin: one small download.
+  std::vector<int32_t> ids(static_cast<size_t>(m));
+  ops::argmax_rows(*ctx_, acts_->logits.slice(0, 0, m), acts_->sel);
+  ctx_->download(ids.data(), acts_->sel, m * 4);
+  return ids;
+}
+
+int32_t Engine::prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* last_logits,
+                        const std::function<void(int64_t)>& progress) {
+  check(!ids.empty(), "the prompt is empty: nothing to continue");
+  const int64_t n = int64_t(ids.size());
+  TokenIds part;
+  Sequence* s = &seq;
+  for (int64_t r0 = 0; r0 < n; r0 += opt_.chunk) {
+    const int64_t rows = std::min(opt_.chunk, n - r0);
+    part.assign(ids.begin() + r0, ids.begin() + r0 + rows);
+    const TokenIds* t = &part;
+    step(std::span(&s, 1), std::span(&t, 1));
+    if (progress) progress(r0 + rows);
+  }
+  const int32_t last = int32_t(step_rows_ - 1);
+  if (last_logits) {
+    logits(std::span(&last, 1), *last_logits);
+    return model::argmax(*last_logits);
+  }
+  return argmax(std::span(&last, 1)).front();
+}
+
+std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> requests,
+                                             int64_t max_context, const RunCallbacks& cb) {
+  check(!requests.empty(), "no prompts to generate from");
+  const double t0 = now_s();
+  const size_t S = requests.size();
+  std::vector<GenerateResult> res(S);
+  std::vector<std::unique_ptr<Sequence>> seqs(S);
+  std::vector<model::Sampler> samplers;
+  int64_t total_prompt = 0, done_prompt = 0;
+  for (const GenerateRequest& r : requests) {
+    check(!r.prompt.empty(), "the prompt is empty: nothing to continue");
+    check(r.max_new_tokens >= 0, "max new tokens must be >= 0");
+    total_prompt += int64_t(r.prompt.size());
+  }
+  for (const GenerateRequest& r : requests) samplers.emplace_back(r.sampling);
+
+  std::vector<bool> active(S, false);
+  std::vector<int32_t> last(S, 0);
+  std::vector<float> buf;
+  // Takes `id` as sequence i's next token; false when the sequence stops with it.
+  auto emit = [&](size_t i, int32_t id) {
+    res[i].tokens.push_back(id);
+    if (cb.token) cb.token(int64_t(i), id);
+    const auto& stop = requests[i].stop_ids;
+    if (std::find(stop.begin(), stop.end(), int64_t(id)) != stop.end()) {
+      res[i].stop_reason = "stop token";
+      return false;
+    }
+    if (int64_t(res[i].tokens.size()) >= requests[i].max_new_tokens) {
+      res[i].stop_reason = "max new tokens";
+      return false;
+    }
+    return true;
+  };
+  // True when sequence i may take another token (the context limit).
+  auto room = [&](size_t i) {
+    if (max_context > 0 && seqs[i]->length() >= max_context) {
+      res[i].stop_reason = "max context";
+      return false;
+    }
+    return true;
+  };
+
+  for (size_t i = 0; i < S; ++i) {
+    const GenerateRequest& r = requests[i];
+    res[i].prompt_tokens = int64_t(r.prompt.size());
+    res[i].stop_reason = "max new tokens";
+    int64_t cap = res[i].prompt_tokens + std::max<int64_t>(r.max_new_tokens, 1);
+    if (max_context > 0) cap = std::min(cap, std::max(max_context, res[i].prompt_tokens));
+    seqs[i] = new_sequence(cap);
+    const bool greedy = r.sampling.greedy;
+    const int32_t g = prefill(*seqs[i], r.prompt, greedy ? nullptr : &buf, [&](int64_t d) {
+      if (cb.prefill_progress) cb.prefill_progress(done_prompt + d, total_prompt);
+    });
+    done_prompt += res[i].prompt_tokens;
+    if (r.max_new_tokens == 0 || !room(i)) continue;
+    last[i] = greedy ? g : samplers[i].next(buf);
+    res[i].ttft_s = now_s() - t0;
+    active[i] = emit(i, last[i]);
+  }
+
+  const double d0 = now_s();
+  std::vector<Sequence*> batch;
+  std::vector<TokenIds> tok;
+  std::vector<const TokenIds*> tok_ptr;
+  std::vector<size_t> who;
+  while (true) {
+    who.clear();
+    for (size_t i = 0; i < S; ++i)
+      if (active[i] && room(i)) who.push_back(i);
+      else active[i] = false;
+    if (who.empty()) break;
+    for (size_t b0 = 0; b0 < who.size(); b0 += size_t(opt_.max_batch)) {
+      const size_t nb = std::min(who.size() - b0, size_t(opt_.max_batch));
+      batch.clear();
+      tok.assign(nb, TokenIds(1));
+      tok_ptr.clear();
+      bool all_greedy = true;
+      for (size_t j = 0; j < nb; ++j) {
+        const size_t i = who[b0 + j];
+        batch.push_back(seqs[i].get());
+        tok[j][0] = last[i];
+        tok_ptr.push_back(&tok[j]);
+        all_greedy = all_greedy && requests[i].sampling.greedy;
+      }
+      step(batch, tok_ptr);
+      std::vector<int32_t> rows(nb);
+      for (size_t j = 0; j < nb; ++j) rows[j] = int32_t(j);
+      std::vector<int32_t> next;
+      if (all_greedy) {
+        next = argmax(rows);
+      } else {
+        logits(rows, buf);
+        const int64_t V = config().vocab_size;
+        for (size_t j = 0; j < nb; ++j)
+          next.push_back(samplers[who[b0 + j]].next(
+              std::span<const float>(buf.data() + int64_t(j) * V, size_t(V))));
+      }
+      for (size_t j = 0; j < nb; ++j) {
+        const size_t i = who[b0 + j];
+        ++res[i].decode_steps;
+        last[i] = next[j];
+        active[i] = emit(i, next[j]);
+      }
+    }
+  }
+  const double decode_s = now_s() - d0;
+  for (size_t i = 0; i < S; ++i) {
+    res[i].decode_s = decode_s;
+    res[i].kv_bytes = seqs[i]->kv_bytes();
+    res[i].full_kv_bytes = seqs[i]->full_kv_bytes();
+  }
+  return res;
+}
+
+NllResult Engine::perplexity(const TokenIds& ids, int64_t ctx,
+                             const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t n = int64_t(ids.size());
+  check(n >= 2, "perplexity needs at least 2 tokens, got " + std::to_string(n));
+  check(ctx == 0 || ctx >= 2,
+        "--ctx must be >= 2 (0 = the whole input), got " + std::to_string(ctx));
+  const int64_t window = ctx > 0 ? ctx : n, V = config().vocab_size;
+  const int64_t block = acts_->logit_rows();  // logits rows at a time: bounds the buffer
+  std::vector<float> lg;
+  std::vector<int32_t> rows;
+  NllResult res;
+  TokenIds part;
+  for (int64_t w0 = 0; w0 < n; w0 += window) {
+    const int64_t len = std::min(window, n - w0);
+    if (len < 2) break;  // a lone trailing token predicts nothing
+    auto seq = new_sequence(len);
+    Sequence* s = seq.get();
+    const int32_t* wid = ids.data() + w0;
+    for (int64_t r0 = 0; r0 < len; r0 += opt_.chunk) {
+      const int64_t chunk_rows = std::min(opt_.chunk, len - r0);
+      part.assign(wid + r0, wid + r0 + chunk_rows);
+      const TokenIds* t = &part;
+      step(std::span(&s, 1), std::span(&t, 1));
+      for (int64_t b = 0; b < chunk_rows; b += block) {
+        const int64_t m = std::min(block, chunk_rows - b);
+        rows.resize(size_t(m));
+        for (int64_t r = 0; r < m; ++r) rows[size_t(r)] = int32_t(b + r);
+        logits(rows, lg);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = r0 + b + r;  // position in the window
+          if (i + 1 >= len) continue;
+          const float* lr = lg.data() + r * V;
+          const float mx = *std::max_element(lr, lr + V);
+          double sum = 0;
+          for (int64_t v = 0; v < V; ++v) sum += std::exp(double(lr[v]) - mx);
+          res.sum_nll += std::log(sum) + mx - double(lr[wid[i + 1]]);
+          ++res.tokens;
+        }
+      }
+      if (progress) progress(w0 + r0 + chunk_rows, n);
+    }
+  }
+  return res;
+}
+
+void check_prompt_length(int64_t tokens, int64_t limit, const model::ModelConfig& cfg) {
+  if (limit <= 0 || tokens <= limit) return;
+  std::ostringstream o;
+  o << "the prompt has " << tokens << " tokens, more than the limit of " << limit;
+  if (limit == cfg.max_position_embeddings) o << " (the model's max_position_embeddings)";
+  o << "; pass --allow-long-prompt to run it anyway (positions past max_position_embeddings = "
+    << cfg.max_position_embeddings << " were not trained), or --max-context N to set the limit";
+  throw Error(o.str());
+}
+
+int64_t kv_cache_bytes(const model::ModelConfig& cfg, const VariantSpec& v, int64_t n,
+                       int64_t elem_bytes) {
+  if (n <= 0) return 0;
+  const Visible last = visible_keys(v, n - 1);  // what the cache keeps after n tokens
+  const int64_t core = v.has_core() ? n / v.group : 0;
+  const int64_t sinks = v.has_sinks() ? std::min(v.sinks, n) : 0;
+  const int64_t raw = n - last.local_begin;
+  const int64_t per_layer =
+      core * v.core_heads(cfg.num_heads, cfg.num_kv_heads) + (raw + sinks) * cfg.num_kv_heads;
+  return 2 * cfg.num_layers * cfg.head_dim * elem_bytes * per_layer;
+}
+
+TokenIds parse_token_ids(const std::string& text, const std::string& source) {
+  TokenIds ids;
+  std::istringstream in(text);
+  std::string tok;
+  while (in >> tok) {
+    int64_t v = -1;
+    auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), v);
+    check(
+        ec == std::errc() && p == tok.data() + tok.size() && v >= 0 && v <= INT32_MAX,
+        source + ": token " + std::to_string(ids.size() + 1) + " is not a token id: '" + tok + "'");
+    ids.push_back(int32_t(v));
+  }
+  check(!ids.empty(), source + ": no token ids (expected whitespace-separated integers)");
+  return ids;
+}
+
+}  // namespace cca::engine

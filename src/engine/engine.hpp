@@ -1,0 +1,183 @@
+// The engine: a loaded model on one device, sequences with their caches, steps that run a batch
+// of sequences together (prefill chunks, decode steps), and the generate and perplexity loops.
+// Frontends (the CLI, later the server and Python) only call this layer; it never prints and
+// never names a command-line flag: progress and tokens are reported through callbacks.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "model/model.hpp"
+#include "model/safetensors.hpp"
+#include "model/sampler.hpp"
+#include "ops/ops.hpp"
+
+namespace cca::engine {
+
+using model::TokenIds;
+
+enum class DeviceChoice : uint8_t { automatic, cpu, cuda };
+const char* device_choice_name(DeviceChoice d);
+DeviceChoice parse_device_choice(const std::string& s);  // "auto", "cpu", "cuda"
+
+struct EngineOptions {
+  DeviceChoice device = DeviceChoice::automatic;  // automatic: the GPU when one is usable
+  int threads = 0;                                // cpu ops and attention; 0 = all cores
+  // Weights and activations: cpu float32; cuda bfloat16/float16, by default the checkpoint's
+  // (a float32 checkpoint needs one to be named: it is converted at load).
+  std::optional<DType> dtype;
+  std::optional<DType> kv_dtype;  // the caches' dtype; default: the activations'
+  VariantSpec variant;
+  int64_t chunk = 0;        // prefill tokens per step; 0: 256 on the cpu, 8192 on the GPU
+  int64_t max_batch = 1;    // sequences stepped together
+  int64_t plan_tokens = 0;  // tokens per sequence the caller will run (memory check); 0: none
+};
+
+// Where and in what precision a run of a model goes, decided before anything loads.
+struct DevicePlan {
+  Device device = Device::cpu;
+  DType dtype = DType::f32;     // weights and activations
+  DType kv_dtype = DType::f32;  // the caches
+  std::string note;             // why --device auto chose the CPU ("" otherwise)
+};
+
+// The rules: --device cpu runs float32 (caches in kv_dtype, default float32). --device cuda
+// needs a usable GPU, a head dim its kernels take (64 or 128) and 16-bit weights (the
+// checkpoint's, or --dtype's: a float32 checkpoint is converted only when asked); the caches are
+// 16-bit there. --device auto takes the GPU when all of that holds, else the CPU, saying why in
+// `note`. Throws cca::Error naming the problem for an explicit choice that cannot run.
+DevicePlan plan_device(const EngineOptions& opt, const model::ModelConfig& cfg,
+                       const model::Checkpoint& ck);
+
+// What one sequence's caches hold, and their fixed capacity.
+class Sequence {
+ public:
+  int64_t length() const { return length_; }
+  int64_t capacity() const { return capacity_; }  // tokens; 0 = growing (cpu)
+  int64_t kv_bytes() const;                       // bytes of keys and values held
+  int64_t full_kv_bytes() const;                  // a full cache's bytes for the same tokens
+  int64_t allocated_bytes() const;
+
+ private:
+  friend class Engine;
+  std::vector<KvCache> caches_;
+  int64_t length_ = 0, capacity_ = 0;
+};
+
+struct GenerateRequest {
+  TokenIds prompt;
+  model::SamplingParams sampling;
+  int64_t max_new_tokens = 128;
+  std::vector<int64_t> stop_ids;  // generation ends after emitting one of these
+};
+
+struct GenerateResult {
+  TokenIds tokens;          // generated ids (the stop token included when one ended it)
+  std::string stop_reason;  // "stop token", "max new tokens", "max context"
+  int64_t prompt_tokens = 0;
+  double ttft_s = 0;           // from the start of the run to this sequence's first token
+  int64_t decode_steps = 0;    // single-token steps this sequence took part in
+  double decode_s = 0;         // wall time of the decode loop
+  int64_t kv_bytes = 0, full_kv_bytes = 0;  // at the end
+};
+
+struct RunCallbacks {
+  std::function<void(int64_t done, int64_t total)> prefill_progress;  // tokens of the prompt(s)
+  std::function<void(int64_t seq, int32_t id)> token;                 // each new id as chosen
+};
+
+// Bytes the caches of all layers hold after n tokens (keys and values) under `v`, by the cache
+// rules (cca: floor(n/g) core tokens + the raw window; sliding: window; streaming/lminfinite:
+// sinks + window; full: n), with elements of `elem_bytes`.
+int64_t kv_cache_bytes(const model::ModelConfig& cfg, const VariantSpec& v, int64_t n,
+                       int64_t elem_bytes);
+
+// Throws cca::Error when a prompt of `tokens` exceeds `limit` (> 0), saying how to allow it.
+void check_prompt_length(int64_t tokens, int64_t limit, const model::ModelConfig& cfg);
+
+// Whitespace-separated non-negative token ids; `source` names the input in errors.
+TokenIds parse_token_ids(const std::string& text, const std::string& source);
+
+struct NllResult {
+  int64_t tokens = 0;  // predicted tokens
+  double sum_nll = 0;
+  double mean_nll() const { return tokens ? sum_nll / double(tokens) : 0.0; }
+  double ppl() const;
+};
+
+// The memory a run needs on the engine's device, by part.
+struct MemoryPlan {
+  int64_t weights = 0, caches = 0, activations = 0;
+  int64_t total() const { return weights + caches + activations; }
+};
+
+class Engine {
+ public:
+  // Resolves the device, checks that weights, caches (max_batch sequences of plan_tokens) and
+  // activations fit its free memory (cca::Error with the numbers otherwise) before reading any
+  // weight, then loads the model.
+  Engine(const std::string& model_dir, const EngineOptions& opt);
+  ~Engine();
+
+  const model::ModelConfig& config() const { return model_->config(); }
+  const model::Model& model() const { return *model_; }
+  const ops::Context& context() const { return *ctx_; }
+  Device device() const { return ctx_->device(); }
+  DType dtype() const { return model_->dtype(); }
+  DType kv_dtype() const { return kv_dtype_; }
+  const VariantSpec& variant() const { return opt_.variant; }
+  int64_t chunk() const { return opt_.chunk; }
+  int64_t max_batch() const { return opt_.max_batch; }
+  const MemoryPlan& memory_plan() const { return plan_; }
+  const DevicePlan& device_plan() const { return device_plan_; }
+  // Peak device memory in use (cuda: sampled after each step; cpu: the process's peak RSS).
+  int64_t peak_memory_bytes() const;
+
+  // A sequence whose caches hold up to `max_tokens` (GPU: allocated now, at that fixed capacity;
+  // cpu: the caches grow). cca::Error naming the bytes when they do not fit.
+  std::unique_ptr<Sequence> new_sequence(int64_t max_tokens) const;
+
+  // One step: sequence seqs[i] receives tokens[i] (together at most chunk() tokens, at most
+  // max_batch() sequences). Sequences given one token each attend in one batched call.
+  void step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens);
+  // After a step: float32 logits [rows.size(), V] of step rows `rows`, to the host.
+  void logits(std::span<const int32_t> rows, std::vector<float>& out);
+  // After a step: the argmax id of each of step rows `rows` (computed on the device).
+  std::vector<int32_t> argmax(std::span<const int32_t> rows);
+
+  // Runs `ids` into `seq` in chunks; after the last chunk, the float32 logits of its last token
+  // are in `last_logits` (when given) and the greedy id is returned.
+  int32_t prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* last_logits,
+                  const std::function<void(int64_t)>& progress = {});
+
+  // Prefills each request's prompt, then decodes all of them together, one token per sequence
+  // per step, until each stops (its stop ids, its max_new_tokens, or `max_context` tokens in
+  // all, when > 0).
+  std::vector<GenerateResult> generate(std::span<const GenerateRequest> requests,
+                                       int64_t max_context, const RunCallbacks& cb = {});
+
+  // Mean next-token negative log-likelihood of `ids`: consecutive windows of at most `ctx`
+  // tokens (0 = one window), each from empty caches; every token of a window but the first is
+  // predicted. Needs at least 2 tokens.
+  NllResult perplexity(const TokenIds& ids, int64_t ctx,
+                       const std::function<void(int64_t, int64_t)>& progress = {});
+
+ private:
+  EngineOptions opt_;
+  std::unique_ptr<ops::Context> ctx_;
+  std::unique_ptr<model::Model> model_;
+  std::unique_ptr<model::Activations> acts_;
+  DType kv_dtype_ = DType::f32;
+  DevicePlan device_plan_;
+  MemoryPlan plan_;
+  int64_t step_rows_ = 0;  // rows of the last step
+  int64_t peak_device_ = 0;
+  std::vector<int32_t> ids_, pos_;
+  std::vector<model::StepSlice> slices_;
+};
+
+}  // namespace cca::engine
