@@ -7,11 +7,12 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "cca/error.hpp"
 #include "commands.hpp"
-#include "model/runner.hpp"
+#include "engine/engine.hpp"
 #include "model/safetensors.hpp"
 #include "model/weights.hpp"
 #include "model_cli.hpp"
@@ -25,12 +26,15 @@ struct InfoArgs {
 };
 
 constexpr int64_t kLengths[] = {32768, 131072};
-constexpr int64_t kCacheElemBytes = 4;  // the runtime's caches hold float32
 
 void run_info(const InfoArgs& a) {
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   const model::Checkpoint ck = model::Checkpoint::open(a.run.model);
   model::check_tensors(ck, cfg);
+  // What a run with these flags would use here (nothing is loaded).
+  const engine::DevicePlan plan = engine::plan_device(a.run.engine_options(0), cfg, ck);
+  const char* device = plan.device == Device::cuda ? "cuda" : "cpu";
+  const int64_t kCacheElemBytes = dtype_size(plan.kv_dtype);
   const model::GenerationConfig gen = model::load_generation_config(a.run.model, cfg);
 
   int64_t params = 0;
@@ -63,34 +67,44 @@ void run_info(const InfoArgs& a) {
     j["checkpoint_files"] = ck.files().size();
     j["checkpoint_bytes"] = ck.total_bytes();
     j["weights_f32_bytes"] = params * 4;
+    j["device"] = device;
+    j["dtype"] = dtype_name(plan.dtype);
+    j["kv_dtype"] = dtype_name(plan.kv_dtype);
+    j["weights_bytes"] = params * dtype_size(plan.dtype);
     j["tokenizer"] = has_tok;
     j["eos_token_ids"] = gen.eos_token_ids;
     for (const VariantSpec& v : variants)
       for (int64_t n : kLengths)
         j["kv_bytes"][variant_name(v.kind)][std::to_string(n)] =
-            model::kv_cache_bytes(cfg, v, n, kCacheElemBytes);
+            engine::kv_cache_bytes(cfg, v, n, kCacheElemBytes);
     std::printf("%s\n", j.dump().c_str());
     return;
   }
   std::printf("model:        %s\n", a.run.model.c_str());
   std::printf("architecture: %s\n", cfg.describe().c_str());
-  std::printf("parameters:   %lld (%.3f B)\n", (long long)params, double(params) / 1e9);
+  const double p = double(params);
+  std::printf("parameters:   %lld (%.*f %s)\n", (long long)params, p >= 1e9 ? 2 : 1,
+              p >= 1e9 ? p / 1e9 : p >= 1e6 ? p / 1e6 : p / 1e3,
+              p >= 1e9 ? "B" : p >= 1e6 ? "M" : "K");
   std::printf("checkpoint:   %zu file(s), %zu tensors, %s, %s\n", ck.files().size(),
               ck.tensors().size(), dtypes.c_str(), format_bytes(double(ck.total_bytes())).c_str());
-  std::printf("weights:      %s as float32 in memory\n", format_bytes(double(params) * 4).c_str());
+  std::printf("run:          on %s, weights %s (%s), KV cache %s\n", device,
+              dtype_name(plan.dtype), format_bytes(double(params * dtype_size(plan.dtype))).c_str(),
+              dtype_name(plan.kv_dtype));
+  if (!plan.note.empty()) std::printf("              (%s)\n", plan.note.c_str());
   std::printf("tokenizer:    %s\n", has_tok ? "tokenizer.json" : "none (use --ids)");
   std::string eos;
   for (int64_t id : gen.eos_token_ids) eos += (eos.empty() ? "" : " ") + std::to_string(id);
   std::printf("stop tokens:  %s\n", eos.empty() ? "none" : eos.c_str());
-  std::printf("\nKV cache, float32 keys and values of all %lld layers:\n",
+  std::printf("\nKV cache, %s keys and values of all %lld layers:\n", dtype_name(plan.kv_dtype),
               (long long)cfg.num_layers);
   std::printf("  %-44s %14s %14s\n", "variant", "32K tokens", "128K tokens");
   for (const VariantSpec& v : variants) {
     std::string cells;
     for (int64_t n : kLengths) {
-      const double b = double(model::kv_cache_bytes(cfg, v, n, kCacheElemBytes));
+      const double b = double(engine::kv_cache_bytes(cfg, v, n, kCacheElemBytes));
       const double full =
-          double(model::kv_cache_bytes(cfg, VariantSpec::full(), n, kCacheElemBytes));
+          double(engine::kv_cache_bytes(cfg, VariantSpec::full(), n, kCacheElemBytes));
       char cell[64];
       std::snprintf(cell, sizeof cell, " %9s %3.0f%%", format_bytes(b).c_str(), 100.0 * b / full);
       cells += cell;

@@ -9,8 +9,9 @@
 
 #include "cca/error.hpp"
 #include "commands.hpp"
-#include "model/runner.hpp"
+#include "engine/engine.hpp"
 #include "model_cli.hpp"
+#include "progress.hpp"
 
 namespace cca {
 namespace {
@@ -26,11 +27,10 @@ void run_perplexity(const PerplexityArgs& a) {
   check(a.text_file.empty() != a.ids_file.empty(), "give exactly one of --text-file and --ids");
   check(a.ctx == 0 || a.ctx >= 2, "invalid --ctx " + std::to_string(a.ctx) +
                                       ": must be >= 2 (0 = the whole input in one window)");
-  const model::SessionOptions sopt = a.run.session_options();
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   model::TokenIds ids;
   if (!a.ids_file.empty()) {
-    ids = model::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
+    ids = engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
   } else {
     auto tok = TextTokenizer::load(a.run.model, "needed for --text-file; --ids takes token ids");
     ids = tok->encode(read_input_file(a.text_file, "--text-file"), true);
@@ -40,19 +40,28 @@ void run_perplexity(const PerplexityArgs& a) {
   // The longest window is what must fit the context limit.
   const int64_t window =
       a.ctx > 0 ? std::min<int64_t>(a.ctx, int64_t(ids.size())) : int64_t(ids.size());
-  model::check_prompt_length(window, a.run.context_limit(cfg), cfg);
+  engine::check_prompt_length(window, a.run.context_limit(cfg), cfg);
 
-  const model::Model m(a.run.model);
-  const model::NllResult r = model::perplexity(m, ids, a.ctx, sopt, !a.run.no_progress);
+  engine::Engine eng(a.run.model, a.run.engine_options(window));
+  if (!eng.device_plan().note.empty())
+    std::fprintf(stderr, "cca: %s\n", eng.device_plan().note.c_str());
+  ProgressBar bar("perplexity", int64_t(ids.size()),
+                  !a.run.no_progress && int64_t(ids.size()) > eng.chunk());
+  const engine::NllResult r =
+      eng.perplexity(ids, a.ctx, [&](int64_t done, int64_t) { bar.update(done); });
+  bar.finish();
   if (a.json) {
     nlohmann::json j;
     j["tokens"] = r.tokens;
     j["mean_nll"] = r.mean_nll();
     j["ppl"] = r.ppl();
+    j["variant"] = eng.variant().describe();
+    j["ctx"] = window;
+    j["device"] = eng.context().describe();
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("%s: %lld predicted tokens, mean NLL %.6f nats, perplexity %.4f\n",
-                sopt.variant.describe().c_str(), (long long)r.tokens, r.mean_nll(), r.ppl());
+                eng.variant().describe().c_str(), (long long)r.tokens, r.mean_nll(), r.ppl());
   }
 }
 

@@ -17,6 +17,8 @@ void register_compare_command(CLI::App& app);    // cmd_compare.cpp
 void register_generate_command(CLI::App& app);    // cmd_generate.cpp
 void register_perplexity_command(CLI::App& app);  // cmd_perplexity.cpp
 void register_info_command(CLI::App& app);        // cmd_info.cpp
+void register_logits_command(CLI::App& app);      // cmd_logits.cpp
+void register_tokenize_command(CLI::App& app);    // cmd_tokenize.cpp
 // cmd_bench_model.cpp: `bench model`; register after register_bench_command.
 void register_bench_model_command(CLI::App& app);
 

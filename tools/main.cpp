@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   cca::register_generate_command(app);
   cca::register_perplexity_command(app);
   cca::register_info_command(app);
+  cca::register_logits_command(app);
+  cca::register_tokenize_command(app);
   cca::register_bench_model_command(app);  // adds `model` under `bench`
   try {
     app.parse(argc, argv);

@@ -9,13 +9,26 @@
 
 namespace cca {
 
-model::SessionOptions ModelRunFlags::session_options() const {
+std::optional<DType> parse_dtype_flag(const std::string& s, const std::string& flag) {
+  if (s == "auto") return std::nullopt;
+  for (DType d : {DType::f32, DType::f16, DType::bf16})
+    if (s == dtype_name(d)) return d;
+  throw Error("invalid " + flag + " '" + s + "' (expected auto, float32, float16 or bfloat16)");
+}
+
+engine::EngineOptions ModelRunFlags::engine_options(int64_t plan_tokens, int64_t batch) const {
   check(threads >= 0, "invalid --threads " + std::to_string(threads) + ": must be >= 0 (0 = all)");
-  check(chunk >= 1, "invalid --chunk " + std::to_string(chunk) + ": must be >= 1");
-  model::SessionOptions o;
+  check(threads <= 4096, "invalid --threads " + std::to_string(threads) + ": at most 4096");
+  check(chunk >= 0, "invalid --chunk " + std::to_string(chunk) + ": must be >= 1");
+  engine::EngineOptions o;
+  o.device = engine::parse_device_choice(device);
+  o.dtype = parse_dtype_flag(dtype, "--dtype");
+  o.kv_dtype = parse_dtype_flag(kv_dtype, "--kv-dtype");
   o.variant = spec();
   o.threads = threads;
   o.chunk = chunk;
+  o.max_batch = batch;
+  o.plan_tokens = plan_tokens;
   return o;
 }
 
@@ -29,11 +42,22 @@ int64_t ModelRunFlags::context_limit(const model::ModelConfig& cfg) const {
 void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run) {
   cmd->add_option("--model", f.model, "Hugging Face model directory (config.json, *.safetensors)")
       ->required();
-  add_variant_flags(cmd, f, /*with_variant=*/run);
+  cmd->add_option("--device", f.device, "cpu, cuda, or auto (the GPU when one is usable)")
+      ->capture_default_str();
+  cmd->add_option("--dtype", f.dtype,
+                  "GPU weights and activations: bfloat16, float16, or auto (the checkpoint's; "
+                  "a float32 checkpoint needs one named)")
+      ->capture_default_str();
+  cmd->add_option("--kv-dtype", f.kv_dtype,
+                  "KV cache dtype: float32, float16, bfloat16, or auto (the activations')")
+      ->capture_default_str();
+  add_variant_flags(cmd, f, /*with_variant=*/true);
   if (!run) return;
   cmd->add_option("--threads", f.threads, "CPU threads (0 = OMP_NUM_THREADS, else all cores)")
       ->capture_default_str();
-  cmd->add_option("--chunk", f.chunk, "prefill chunk in tokens (bounds activation memory)")
+  cmd->add_option("--chunk", f.chunk,
+                  "prefill tokens per step (bounds activation memory; 0 = 256 on the CPU, 8192 "
+                  "on the GPU)")
       ->capture_default_str();
   cmd->add_flag("--no-progress", f.no_progress, "no progress bar on stderr");
   auto* mc = cmd->add_option("--max-context", f.max_context,

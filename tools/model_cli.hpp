@@ -9,8 +9,8 @@
 
 #include "cca/variant.hpp"
 #include "variant_flags.hpp"
+#include "engine/engine.hpp"
 #include "model/config.hpp"
-#include "model/transformer.hpp"
 
 namespace CLI {
 class App;
@@ -20,20 +20,26 @@ namespace cca {
 
 struct ModelRunFlags : VariantFlags {
   std::string model;
+  std::string device = "auto";
+  std::string dtype = "auto";     // weights and activations on the GPU
+  std::string kv_dtype = "auto";  // the caches
   int threads = 0;
-  int64_t chunk = 256;
+  int64_t chunk = 0;        // 0: the device's default
   int64_t max_context = 0;  // 0: the model's max_position_embeddings
   bool allow_long_prompt = false;
   bool no_progress = false;
 
-  model::SessionOptions session_options() const;
+  // The engine's options for runs of at most `plan_tokens` tokens per sequence, `batch`
+  // sequences at a time (checks every flag's value).
+  engine::EngineOptions engine_options(int64_t plan_tokens, int64_t batch = 1) const;
   // The context limit in tokens (0 = none): --allow-long-prompt, else --max-context, else the
   // model's max_position_embeddings.
   int64_t context_limit(const model::ModelConfig& cfg) const;
 };
 
-// --model (required) and the variant parameters (--group --window --sinks --pool --pool-heads);
-// with `run` also --variant, --threads, --chunk, --no-progress and the context limit flags.
+// --model (required), --device, --dtype, --kv-dtype and the variant parameters (--group --window
+// --sinks --pool --pool-heads); with `run` also --variant, --threads, --chunk, --no-progress and
+// the context limit flags.
 void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run);
 
 // The model directory's tokenizer.json, loaded by the tokenizer library.
@@ -55,6 +61,9 @@ class TextTokenizer {
 
 // Reads a whole text file (cca::Error naming `flag` and the path when it cannot).
 std::string read_input_file(const std::string& path, const std::string& flag);
+
+// "auto" -> nullopt, else the dtype ("float32", "float16", "bfloat16"); `flag` names errors.
+std::optional<DType> parse_dtype_flag(const std::string& s, const std::string& flag);
 
 // Formats bytes as "12.3 MiB".
 std::string format_bytes(double bytes);
