@@ -12,7 +12,6 @@
 #include "cca/error.hpp"
 #include "model/random_model.hpp"
 #include "model/rope.hpp"
-#include "model/runner.hpp"
 #include "model/sampler.hpp"
 #include "temp_dir.hpp"
 #include "test_model_util.hpp"
@@ -25,20 +24,11 @@ using test::ModelFixture;
 constexpr double kLogitTolerance = 1e-4;  // relative to the largest |logit|
 const char* const kModels[] = {"llama", "mistral", "qwen2"};
 
-// Each fixture model is loaded once for the whole binary.
-const model::Model& fixture_model(const std::string& name) {
-  static std::map<std::string, std::unique_ptr<model::Model>> cache;
-  auto& m = cache[name];
-  if (!m) m = std::make_unique<model::Model>(test::model_fixture_dir(name));
-  return *m;
-}
-
-model::SessionOptions session_opts(const VariantSpec& v, int64_t chunk) {
-  model::SessionOptions o;
-  o.variant = v;
-  o.chunk = chunk;
-  o.threads = 1;  // ctest runs tests side by side on few cores
-  return o;
+// A CPU engine over a fixture (the fixtures are tiny: loading them is cheap).
+std::unique_ptr<engine::Engine> fixture_engine(const std::string& name, const VariantSpec& v,
+                                               int64_t chunk, int threads = 1) {
+  return std::make_unique<engine::Engine>(test::model_fixture_dir(name),
+                                          test::cpu_options(v, chunk, threads));
 }
 
 // ---- config.json -------------------------------------------------------------------------------
@@ -152,12 +142,13 @@ TEST(ModelConfig, GenerationConfigEosIntOrList) {
 
 TEST(ModelRope, InverseFrequenciesMatchHuggingFace) {
   for (const char* name : kModels) {
-    const model::Model& m = fixture_model(name);
+    const model::ModelConfig cfg = model::load_model_config(test::model_fixture_dir(name));
+    const model::Rope rope(cfg.rope, cfg.head_dim);
     NpyArray ref = read_npy(test::model_fixture_dir(name) + "/inv_freq.npy");
-    ASSERT_EQ(ref.numel(), m.config().head_dim / 2) << name;
+    ASSERT_EQ(ref.numel(), cfg.head_dim / 2) << name;
     const TensorView v = ref.view();
     for (int64_t i = 0; i < ref.numel(); ++i)
-      EXPECT_NEAR(m.rope().inv_freq()[size_t(i)], v.load(i), 1e-6 * std::fabs(v.load(i)))
+      EXPECT_NEAR(rope.inv_freq()[size_t(i)], v.load(i), 1e-6 * std::fabs(v.load(i)))
           << name << " frequency " << i;
   }
 }
@@ -176,15 +167,13 @@ class ModelParity : public ::testing::TestWithParam<ParityCase> {};
 TEST_P(ModelParity, LogitsMatchHuggingFace) {
   const ParityCase c = GetParam();
   const ModelFixture f = test::load_model_fixture(c.model);
-  const model::Model& m = fixture_model(c.model);
+  auto e = fixture_engine(c.model, c.cca ? f.cca : VariantSpec::full(), c.chunk, c.threads);
   int64_t T = 0, V = 0;
   const std::vector<float> ref =
       test::read_logits(f.dir + (c.cca ? "/logits_cca.npy" : "/logits_full.npy"), &T, &V);
   ASSERT_EQ(T, int64_t(f.prompt.size()));
-  ASSERT_EQ(V, m.config().vocab_size);
-  model::SessionOptions opt = session_opts(c.cca ? f.cca : VariantSpec::full(), c.chunk);
-  opt.threads = c.threads;
-  const std::vector<float> ours = test::run_logits(m, f.prompt, opt);
+  ASSERT_EQ(V, e->config().vocab_size);
+  const std::vector<float> ours = test::run_logits(*e, f.prompt);
   const double rel = test::relative_max_diff(ours, ref);
   char shown[32];
   std::snprintf(shown, sizeof shown, "%.3g", rel);
@@ -223,18 +212,16 @@ class ModelGreedy : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ModelGreedy, ContinuationsMatchHuggingFace) {
   const ModelFixture f = test::load_model_fixture(GetParam());
-  const model::Model& m = fixture_model(GetParam());
   for (bool cca : {false, true}) {
-    model::Session s(m, session_opts(cca ? f.cca : VariantSpec::full(), 16));
-    model::Sampler greedy(model::SamplingParams{});
-    model::GenerateOptions go;
-    go.max_new_tokens = int64_t(f.greedy_full.size());
-    go.progress = false;
-    const model::GenerateResult r = model::generate(s, f.prompt, greedy, go);
+    auto e = fixture_engine(GetParam(), cca ? f.cca : VariantSpec::full(), 16);
+    engine::GenerateRequest req;
+    req.prompt = f.prompt;
+    req.max_new_tokens = int64_t(f.greedy_full.size());
+    const engine::GenerateResult r = e->generate(std::span(&req, 1), 0).front();
     EXPECT_EQ(r.tokens, cca ? f.greedy_cca : f.greedy_full)
         << GetParam() << (cca ? " cca" : " full");
     EXPECT_EQ(r.stop_reason, "max new tokens");
-    EXPECT_EQ(s.length(), int64_t(f.prompt.size() + f.greedy_full.size()) - 1);
+    EXPECT_EQ(r.decode_steps, int64_t(f.greedy_full.size()) - 1);
   }
 }
 
@@ -243,14 +230,13 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ModelGreedy, ::testing::ValuesIn(kModels));
 TEST(ModelPerplexity, EqualsTheNllOfTheFixtureLogits) {
   for (const char* name : kModels) {
     const ModelFixture f = test::load_model_fixture(name);
-    const model::Model& m = fixture_model(name);
     for (bool cca : {false, true}) {
       int64_t T = 0, V = 0;
       const auto logits =
           test::read_logits(f.dir + (cca ? "/logits_cca.npy" : "/logits_full.npy"), &T, &V);
       const double want = test::mean_nll_from_logits(logits, V, f.prompt);
-      const model::NllResult r = model::perplexity(
-          m, f.prompt, 0, session_opts(cca ? f.cca : VariantSpec::full(), 9), false);
+      const engine::NllResult r =
+          fixture_engine(name, cca ? f.cca : VariantSpec::full(), 9)->perplexity(f.prompt, 0);
       EXPECT_EQ(r.tokens, T - 1);
       EXPECT_NEAR(r.mean_nll(), want, 1e-4) << name << (cca ? " cca" : " full");
       EXPECT_NEAR(r.ppl(), std::exp(want), 1e-4 * std::exp(want));
@@ -265,17 +251,15 @@ TEST(ModelPerplexity, EqualsTheNllOfTheFixtureLogits) {
 // window's NLL is the fixture's first rows.
 TEST(ModelPerplexity, WindowsRestartTheContext) {
   const ModelFixture f = test::load_model_fixture("llama");
-  const model::Model& m = fixture_model("llama");
-  const model::NllResult r =
-      model::perplexity(m, f.prompt, 16, session_opts(VariantSpec::full(), 256), false);
+  auto e = fixture_engine("llama", VariantSpec::full(), 256);
+  const engine::NllResult r = e->perplexity(f.prompt, 16);
   EXPECT_EQ(r.tokens, 15 + 15 + 7);  // windows of 16, 16 and 8 tokens
   const model::TokenIds first(f.prompt.begin(), f.prompt.begin() + 16);
   int64_t T = 0, V = 0;
   const auto logits = test::read_logits(f.dir + "/logits_full.npy", &T, &V);
-  const model::NllResult w =
-      model::perplexity(m, first, 0, session_opts(VariantSpec::full(), 256), false);
+  const engine::NllResult w = e->perplexity(first, 0);
   EXPECT_NEAR(w.mean_nll(), test::mean_nll_from_logits(logits, V, first), 1e-4);
-  EXPECT_THROW(model::perplexity(m, {5}, 0, session_opts(VariantSpec::full(), 256), false), Error);
+  EXPECT_THROW(e->perplexity({5}, 0), Error);
 }
 
 // ---- cache memory ------------------------------------------------------------------------------
@@ -286,7 +270,6 @@ TEST(ModelKvMemory, FormulaMatchesTheCaches) {
   model::RandomModelSpec spec;
   spec.config = model::small_llama_config(2, 32, 4, 2, 48, 64, 4096);
   model::write_random_model(dir.path().string(), spec);
-  const model::Model m(dir.path().string());
   const VariantSpec variants[] = {
       VariantSpec::full(),           VariantSpec::sliding(10),
       VariantSpec::streaming(3, 10), VariantSpec::lminfinite(4, 9),
@@ -294,20 +277,24 @@ TEST(ModelKvMemory, FormulaMatchesTheCaches) {
   model::TokenIds ids(157);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t((i * 37) % 64);
   for (const VariantSpec& v : variants) {
-    model::Session s(m, session_opts(v, 13));
+    engine::Engine e(dir.path().string(), test::cpu_options(v, 64));
+    auto s = e.new_sequence(int64_t(ids.size()));
     int64_t done = 0;
     for (int64_t n : {1, 6, 25, 64, 61}) {
-      s.forward(ids.data() + done, n, {});
+      const model::TokenIds part(ids.begin() + done, ids.begin() + done + n);
+      test::feed(e, *s, part, [](int64_t, int64_t) {});
       done += n;
-      EXPECT_EQ(s.kv_bytes(), model::kv_cache_bytes(m.config(), v, done, 4))
+      EXPECT_EQ(s->length(), done);
+      EXPECT_EQ(s->kv_bytes(), engine::kv_cache_bytes(e.config(), v, done, 4))
           << v.describe() << " after " << done << " tokens";
     }
   }
+  const model::ModelConfig cfg = model::load_model_config(dir.path().string());
   // The cca rule at 128K, g = 16, s = 1024: floor(n/g) + s tokens per kv head.
   const int64_t n = 131072, per_token = 2 * 2 * 2 * 8 * 4;  // layers, k+v, Hkv, D, bytes
-  EXPECT_EQ(model::kv_cache_bytes(m.config(), VariantSpec::cca(16, 1024), n, 4),
+  EXPECT_EQ(engine::kv_cache_bytes(cfg, VariantSpec::cca(16, 1024), n, 4),
             (n / 16 + 1024) * per_token);
-  EXPECT_EQ(model::kv_cache_bytes(m.config(), VariantSpec::full(), n, 4), n * per_token);
+  EXPECT_EQ(engine::kv_cache_bytes(cfg, VariantSpec::full(), n, 4), n * per_token);
 }
 
 // ---- sampling ----------------------------------------------------------------------------------
@@ -354,10 +341,10 @@ TEST(ModelSampler, GreedyTopKTopPAndSeeds) {
 
 TEST(ModelRunner, PromptLimitAndTokenIds) {
   const model::ModelConfig cfg = model::load_model_config(test::model_fixture_dir("llama"));
-  EXPECT_NO_THROW(model::check_prompt_length(256, 256, cfg));
-  EXPECT_NO_THROW(model::check_prompt_length(100000, 0, cfg));
+  EXPECT_NO_THROW(engine::check_prompt_length(256, 256, cfg));
+  EXPECT_NO_THROW(engine::check_prompt_length(100000, 0, cfg));
   try {
-    model::check_prompt_length(300, 256, cfg);
+    engine::check_prompt_length(300, 256, cfg);
     ADD_FAILURE();
   } catch (const Error& e) {
     const std::string m = e.what();
@@ -365,14 +352,15 @@ TEST(ModelRunner, PromptLimitAndTokenIds) {
     EXPECT_NE(m.find("max_position_embeddings"), std::string::npos) << m;
     EXPECT_NE(m.find("--allow-long-prompt"), std::string::npos) << m;
   }
-  EXPECT_EQ(model::parse_token_ids(" 1 2\n30\t4 ", "x"), (model::TokenIds{1, 2, 30, 4}));
-  EXPECT_THROW(model::parse_token_ids("1 2 x3", "x"), Error);
-  EXPECT_THROW(model::parse_token_ids("1 -2", "x"), Error);
-  EXPECT_THROW(model::parse_token_ids("  \n", "x"), Error);
+  EXPECT_EQ(engine::parse_token_ids(" 1 2\n30\t4 ", "x"), (model::TokenIds{1, 2, 30, 4}));
+  EXPECT_THROW(engine::parse_token_ids("1 2 x3", "x"), Error);
+  EXPECT_THROW(engine::parse_token_ids("1 -2", "x"), Error);
+  EXPECT_THROW(engine::parse_token_ids("  \n", "x"), Error);
   // An id outside the vocabulary is an error, not a read past the embedding.
-  model::Session s(fixture_model("llama"), session_opts(VariantSpec::full(), 8));
-  const int32_t bad[] = {3, 512};
-  EXPECT_THROW(s.forward(bad, 2, {}), Error);
+  auto e = fixture_engine("llama", VariantSpec::full(), 8);
+  auto s = e->new_sequence(8);
+  const model::TokenIds bad = {3, 512};
+  EXPECT_THROW(test::feed(*e, *s, bad, [](int64_t, int64_t) {}), Error);
 }
 
 // A random bf16 checkpoint written by the C++ writer loads (converted to float32), and an f32 one
@@ -386,7 +374,9 @@ TEST(ModelWeights, ConvertsOrMapsByDtype) {
   model::write_random_model(dir.file("bf16"), spec);
   spec.dtype = DType::f32;
   model::write_random_model(dir.file("f32"), spec);
-  const model::Model a(dir.file("bf16")), b(dir.file("f32"));
+  engine::Engine ea(dir.file("bf16"), test::cpu_options(VariantSpec::full(), 4)),
+      eb(dir.file("f32"), test::cpu_options(VariantSpec::full(), 4));
+  const model::Model &a = ea.model(), &b = eb.model();
   EXPECT_GT(a.weights().converted_bytes(), 0);
   EXPECT_EQ(a.weights().mapped_bytes(), 0);
   EXPECT_EQ(b.weights().converted_bytes(), 0);
@@ -394,8 +384,8 @@ TEST(ModelWeights, ConvertsOrMapsByDtype) {
   EXPECT_EQ(a.weights().parameter_count(),  // embed, 2 norms, q k v o, mlp, final norm (tied head)
             50 * 32 + 2 * 32 + (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32) + 3 * 40 * 32 + 32);
   const model::TokenIds ids = {1, 7, 9, 44, 3, 2};
-  const auto la = test::run_logits(a, ids, session_opts(VariantSpec::full(), 4));
-  const auto lb = test::run_logits(b, ids, session_opts(VariantSpec::full(), 4));
+  const auto la = test::run_logits(ea, ids);
+  const auto lb = test::run_logits(eb, ids);
   EXPECT_LT(test::relative_max_diff(la, lb), 0.05);
   EXPECT_GT(test::relative_max_diff(la, lb), 0.0);  // bf16 rounding did change the weights
 }

@@ -64,7 +64,7 @@ class ModelCheckpoint : public ::testing::Test {
   // Loading `model_dir` must fail with a message holding every one of `needles`.
   void expect_load_error(const std::string& model_dir, std::initializer_list<std::string> needles) {
     try {
-      model::Model m(model_dir);
+      engine::Engine m(model_dir, test::cpu_options(VariantSpec::full(), 16));
       ADD_FAILURE() << "loaded " << model_dir;
     } catch (const Error& e) {
       for (const std::string& n : needles)
@@ -78,7 +78,8 @@ class ModelCheckpoint : public ::testing::Test {
 TEST_F(ModelCheckpoint, WrittenModelLoads) {
   TensorSet t(tiny_config());
   const std::string d = write_model(t);
-  const model::Model m(d);
+  engine::Engine e(d, test::cpu_options(VariantSpec::full(), 16));
+  const model::Model& m = e.model();
   EXPECT_EQ(m.weights().parameter_count(),
             20 * 16 * 2 + 16 * 3 + 16 * 16 * 2 + 8 * 16 * 2 + 3 * 24 * 16);
   EXPECT_EQ(m.weights().layers.size(), 1u);
@@ -146,7 +147,7 @@ TEST_F(ModelCheckpoint, ExtraTensorIsNamed) {
   expect_load_error(write_model(t), {"unexpected", "model.layers.3.self_attn.q_proj.weight"});
   TensorSet ok(tiny_config());  // old exports' rotary buffers are ignored
   ok.add("model.layers.0.self_attn.rotary_emb.inv_freq", {4});
-  EXPECT_NO_THROW(model::Model(write_model(ok, "inv_freq")));
+  EXPECT_NO_THROW(engine::Engine(write_model(ok, "inv_freq"), test::cpu_options(VariantSpec::full(), 16)));
 }
 
 TEST_F(ModelCheckpoint, OffsetsThatDisagreeWithTheShape) {
@@ -173,13 +174,11 @@ TEST_F(ModelCheckpoint, ShardsWithAnIndex) {
   for (const auto& x : b) index["weight_map"][x.name] = "model-00002-of-00002.safetensors";
   test::write_file(d + "/model.safetensors.index.json", index.dump());
 
-  const model::Model ms(d), m1(single);
-  EXPECT_EQ(ms.weights().checkpoint().files().size(), 2u);
+  engine::Engine ms(d, test::cpu_options(VariantSpec::full(), 16)),
+      m1(single, test::cpu_options(VariantSpec::full(), 16));
+  EXPECT_EQ(ms.model().weights().checkpoint().files().size(), 2u);
   const model::TokenIds ids = {1, 5, 19, 0, 7};
-  model::SessionOptions o;
-  o.variant = VariantSpec::full();
-  o.threads = 1;
-  EXPECT_EQ(test::run_logits(ms, ids, o), test::run_logits(m1, ids, o));
+  EXPECT_EQ(test::run_logits(ms, ids), test::run_logits(m1, ids));
 
   // The index names a tensor's shard wrongly, then a shard that is not there.
   index["weight_map"][a[0].name] = "model-00002-of-00002.safetensors";

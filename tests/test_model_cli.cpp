@@ -233,5 +233,39 @@ TEST_F(ModelCli, BadInputExitsWithAClearMessage) {
                  {"token id 600", "vocab_size 512"});
 }
 
+// --device cuda where no GPU is usable (CI): a clear error and exit 1 from every model command;
+// --device auto runs on the CPU and says why.
+TEST_F(ModelCli, DeviceCudaWithoutGpuIsAClearError) {
+  if (backend_unavailable_reason(BackendKind::cuda).empty()) GTEST_SKIP() << "a GPU is present";
+  const test::ModelFixture f = test::load_model_fixture("llama");
+  const std::string ids = ids_file(f.prompt);
+  const std::vector<std::string> commands = {
+      "generate --ids '" + ids + "' -n 2", "perplexity --ids '" + ids + "'", "info",
+      "logits --ids '" + ids + "' --out '" + dir_.file("l.npy") + "'"};
+  for (const std::string& cmd : commands) {
+    const CliRun r = cca(cmd + " --model '" + f.dir + "' --device cuda");
+    expect_failure(r, {"--device cuda", "no usable CUDA GPU"});
+    EXPECT_EQ(r.out, "") << cmd;
+  }
+  EXPECT_FALSE(fs::exists(dir_.file("l.npy")));
+  const CliRun r = cca("generate --model '" + f.dir + "' --ids '" + ids + "' -n 2 --greedy");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("running on the CPU"), std::string::npos) << r.err;
+}
+
+// Batched generation: one prompt per line gives each prompt's single-run continuation.
+TEST_F(ModelCli, BatchOfPromptsMatchesSingleRuns) {
+  const test::ModelFixture f = test::load_model_fixture("llama");
+  const model::TokenIds a(f.prompt.begin(), f.prompt.begin() + 7), b = f.prompt;
+  test::write_file(dir_.file("batch.txt"), test::ids_text(a) + "\n\n" + test::ids_text(b) + "\n");
+  const std::string flags = " --model '" + f.dir + "' -n 5 --greedy --ignore-eos --device cpu";
+  const CliRun both = cca("generate --batch --ids '" + dir_.file("batch.txt") + "'" + flags);
+  ASSERT_EQ(both.status, 0) << both.err;
+  const CliRun ra = cca("generate --ids '" + ids_file(a, "a.txt") + "'" + flags);
+  const CliRun rb = cca("generate --ids '" + ids_file(b, "b.txt") + "'" + flags);
+  ASSERT_EQ(ra.status, 0) << ra.err;
+  EXPECT_EQ(both.out, "[1] " + ra.out + "[2] " + rb.out);
+}
+
 }  // namespace
 }  // namespace cca

@@ -9,12 +9,13 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "model/config.hpp"
-#include "model/transformer.hpp"
+#include "engine/engine.hpp"
 #include "npy.hpp"
 
 namespace cca::test {
@@ -83,14 +84,42 @@ inline double mean_nll_from_logits(const std::vector<float>& logits, int64_t V,
   return sum / double(ids.size() - 1);
 }
 
-// All logits [n, V] of `ids` through a fresh session.
-inline std::vector<float> run_logits(const model::Model& m, const model::TokenIds& ids,
-                                     const model::SessionOptions& opt) {
-  model::Session s(m, opt);
-  const int64_t V = m.config().vocab_size;
-  std::vector<float> out(ids.size() * size_t(V));
-  s.forward(ids.data(), int64_t(ids.size()), [&](int64_t row0, int64_t rows, const float* hidden) {
-    s.logits(hidden, rows, out.data() + row0 * V);
+// Engine options for the CPU with one thread (ctest runs tests side by side on few cores).
+inline engine::EngineOptions cpu_options(const VariantSpec& v, int64_t chunk, int threads = 1) {
+  engine::EngineOptions o;
+  o.device = engine::DeviceChoice::cpu;
+  o.variant = v;
+  o.chunk = chunk;
+  o.threads = threads;
+  return o;
+}
+
+// Feeds ids into `seq` in the engine's chunks; `each_chunk(row0, rows)` after each step.
+template <class Fn>
+void feed(engine::Engine& e, engine::Sequence& seq, const model::TokenIds& ids, Fn each_chunk) {
+  model::TokenIds part;
+  engine::Sequence* s = &seq;
+  for (size_t r0 = 0; r0 < ids.size(); r0 += size_t(e.chunk())) {
+    part.assign(ids.begin() + int64_t(r0),
+                ids.begin() + int64_t(std::min(ids.size(), r0 + size_t(e.chunk()))));
+    const model::TokenIds* t = &part;
+    e.step(std::span(&s, 1), std::span(&t, 1));
+    each_chunk(int64_t(r0), int64_t(part.size()));
+  }
+}
+
+// All logits [n, V] of `ids` through a fresh sequence, float32 on the host.
+inline std::vector<float> run_logits(engine::Engine& e, const model::TokenIds& ids) {
+  auto seq = e.new_sequence(int64_t(ids.size()));
+  const int64_t V = e.config().vocab_size;
+  std::vector<float> out(ids.size() * size_t(V)), block;
+  feed(e, *seq, ids, [&](int64_t row0, int64_t rows) {
+    for (int64_t b = 0; b < rows; b += 32) {
+      std::vector<int32_t> r;
+      for (int64_t i = b; i < std::min(rows, b + 32); ++i) r.push_back(int32_t(i));
+      e.logits(r, block);
+      std::copy(block.begin(), block.end(), out.begin() + (row0 + b) * V);
+    }
   });
   return out;
 }

@@ -1,0 +1,228 @@
+// The engine on every device present (the CPU always, a CUDA GPU where one is usable): decode
+// token by token and chunked prefill equal a one-shot prefill row by row; a batch of sequences
+// of different lengths gives each sequence its single-sequence logits; the GPU model against the
+// CPU model (the oracle) on random bfloat16 checkpoints with the head shapes the kernels take
+// (Llama with GQA, Mistral, Qwen2 with q/k/v bias and tied embeddings), full and cca; the
+// memory check and the no-GPU error.
+//
+// Tolerances (max |a - b| / max |b| over all logits): on the CPU the paths differ only in
+// float32 summation order: 1e-4. On the GPU, activations are bfloat16 (relative rounding
+// u = 2^-9 each) and the CPU oracle keeps them in float32: a layer rounds about six activation
+// tensors, and on a 2-layer model with random weights the logits' error grows like
+// sqrt(rounds) * u * (the logit's scale / its largest value) ~ 3.5 * 2e-3 ~ 0.7%; we allow 3%.
+// Between two GPU paths (prefill kernel vs decode kernel, batch vs single GEMM shapes) the
+// same bound holds: each is within it of the exact value.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "cca/error.hpp"
+#include "model/random_model.hpp"
+#include "temp_dir.hpp"
+#include "test_model_util.hpp"
+
+namespace cca {
+namespace {
+
+using engine::DeviceChoice;
+
+const char* device_name(DeviceChoice d) { return d == DeviceChoice::cuda ? "cuda" : "cpu"; }
+
+std::vector<DeviceChoice> devices() {
+  std::vector<DeviceChoice> r = {DeviceChoice::cpu};
+  if (backend_unavailable_reason(BackendKind::cuda).empty()) r.push_back(DeviceChoice::cuda);
+  return r;
+}
+
+double tolerance(DeviceChoice d) { return d == DeviceChoice::cuda ? 3e-2 : 1e-4; }
+
+// Random bfloat16 checkpoints with D = 64, written once per test binary.
+const std::string& random_model(const std::string& arch) {
+  static test::TempDir dir;
+  static std::map<std::string, std::string> made;
+  auto it = made.find(arch);
+  if (it != made.end()) return it->second;
+  model::RandomModelSpec spec;
+  spec.config = model::small_llama_config(2, 256, 4, 2, 320, 300, 4096);
+  spec.dtype = DType::bf16;
+  spec.seed = 11;
+  if (arch == "mistral") {
+    spec.config.arch = model::Arch::mistral;
+    spec.config.num_kv_heads = 1;
+    spec.config.rope.type = model::RopeType::linear;
+    spec.config.rope.factor = 2.0;
+  } else if (arch == "qwen2") {
+    spec.config.arch = model::Arch::qwen2;
+    spec.config.qkv_bias = true;
+    spec.config.tie_word_embeddings = true;
+    spec.config.num_kv_heads = 4;
+  }
+  const std::string d = dir.file(arch);
+  model::write_random_model(d, spec);
+  return made.emplace(arch, d).first->second;
+}
+
+engine::EngineOptions options(DeviceChoice d, const VariantSpec& v, int64_t chunk,
+                              int64_t batch = 1) {
+  engine::EngineOptions o = test::cpu_options(v, chunk);
+  o.device = d;
+  o.max_batch = batch;
+  return o;
+}
+
+model::TokenIds prompt(int64_t n, int seed) {
+  model::TokenIds ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = int32_t((i * 37 + seed * 101 + 5) % 300);
+  return ids;
+}
+
+class EngineOnDevice : public ::testing::TestWithParam<DeviceChoice> {};
+
+// Decode (chunk 1) and chunks of 37 equal one step of all 300 tokens, full and cca (s = 64,
+// so the core segment and eviction are exercised).
+TEST_P(EngineOnDevice, DecodeAndChunksEqualOneShotPrefill) {
+  const DeviceChoice d = GetParam();
+  const model::TokenIds ids = prompt(300, 1);
+  for (const VariantSpec& v : {VariantSpec::full(), VariantSpec::cca(16, 64)}) {
+    engine::Engine one(random_model("llama"), options(d, v, 300));
+    const auto want = test::run_logits(one, ids);
+    for (int64_t chunk : {1, 37}) {
+      engine::Engine e(random_model("llama"), options(d, v, chunk));
+      const double rel = test::relative_max_diff(test::run_logits(e, ids), want);
+      EXPECT_LE(rel, tolerance(d)) << device_name(d) << " " << v.describe() << " chunk " << chunk;
+    }
+  }
+}
+
+// A batch of sequences at different lengths (5, 70 and 200 tokens): each decode step of the
+// batch gives every sequence the logits it gets alone.
+TEST_P(EngineOnDevice, BatchEqualsEachSequenceAlone) {
+  const DeviceChoice d = GetParam();
+  const VariantSpec v = VariantSpec::cca(16, 64);
+  const std::vector<model::TokenIds> prompts = {prompt(5, 2), prompt(70, 3), prompt(200, 4)};
+  const int64_t V = 300;
+  engine::Engine batch(random_model("llama"), options(d, v, 64, 3));
+  std::vector<std::unique_ptr<engine::Sequence>> seqs;
+  for (const auto& p : prompts) {
+    seqs.push_back(batch.new_sequence(256));
+    test::feed(batch, *seqs.back(), p, [](int64_t, int64_t) {});
+  }
+  engine::Engine single(random_model("llama"), options(d, v, 64));
+  std::vector<std::unique_ptr<engine::Sequence>> alone;
+  for (const auto& p : prompts) {
+    alone.push_back(single.new_sequence(256));
+    test::feed(single, *alone.back(), p, [](int64_t, int64_t) {});
+  }
+  std::vector<float> lb, ls;
+  for (int step = 0; step < 4; ++step) {
+    std::vector<engine::Sequence*> ss;
+    std::vector<model::TokenIds> toks;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ss.push_back(seqs[i].get());
+      toks.push_back({int32_t((step * 13 + int(i) * 7) % 300)});
+    }
+    std::vector<const model::TokenIds*> tp;
+    for (const auto& t : toks) tp.push_back(&t);
+    batch.step(ss, tp);
+    batch.logits(std::vector<int32_t>{0, 1, 2}, lb);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      engine::Sequence* s = alone[i].get();
+      const model::TokenIds* t = &toks[i];
+      single.step(std::span(&s, 1), std::span(&t, 1));
+      single.logits(std::vector<int32_t>{0}, ls);
+      const std::vector<float> row(lb.begin() + int64_t(i) * V, lb.begin() + int64_t(i + 1) * V);
+      EXPECT_LE(test::relative_max_diff(row, ls), tolerance(d))
+          << device_name(d) << " sequence " << i << " step " << step;
+      EXPECT_EQ(seqs[i]->length(), alone[i]->length());
+    }
+  }
+}
+
+// generate() of a batch returns, for each prompt, what it returns for that prompt alone
+// (greedy; on the CPU exactly).
+TEST_P(EngineOnDevice, GenerateBatchMatchesSingles) {
+  const DeviceChoice d = GetParam();
+  if (d == DeviceChoice::cuda) GTEST_SKIP() << "bf16 GEMMs of different batch sizes may round "
+                                               "differently: covered by the logits test";
+  const VariantSpec v = VariantSpec::cca(16, 64);
+  std::vector<engine::GenerateRequest> reqs(3);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = prompt(int64_t(10 + 60 * i), int(i));
+    reqs[i].max_new_tokens = 6 + int64_t(i);
+  }
+  engine::Engine batch(random_model("qwen2"), options(d, v, 64, 3));
+  const auto together = batch.generate(reqs, 0);
+  engine::Engine single(random_model("qwen2"), options(d, v, 64));
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const auto alone = single.generate(std::span(&reqs[i], 1), 0).front();
+    EXPECT_EQ(together[i].tokens, alone.tokens) << "sequence " << i;
+    EXPECT_EQ(int64_t(together[i].tokens.size()), reqs[i].max_new_tokens);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, EngineOnDevice, ::testing::ValuesIn(devices()),
+                         [](const auto& i) { return std::string(device_name(i.param)); });
+
+// The GPU model against the CPU model on the same bfloat16 weights, every architecture and
+// variant.
+TEST(EngineGpu, LogitsMatchTheCpuModel) {
+  const std::string why = backend_unavailable_reason(BackendKind::cuda);
+  if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
+  const model::TokenIds ids = prompt(300, 5);
+  for (const char* arch : {"llama", "mistral", "qwen2"}) {
+    for (const VariantSpec& v :
+         {VariantSpec::full(), VariantSpec::cca(16, 64), VariantSpec::sliding(50),
+          VariantSpec::streaming(4, 50), VariantSpec::cca(8, 40, PoolMode::mean)}) {
+      engine::Engine cpu(random_model(arch), options(DeviceChoice::cpu, v, 128));
+      engine::Engine gpu(random_model(arch), options(DeviceChoice::cuda, v, 128));
+      const double rel = test::relative_max_diff(test::run_logits(gpu, ids),
+                                                 test::run_logits(cpu, ids));
+      RecordProperty(std::string(arch) + "_" + variant_name(v.kind), std::to_string(rel));
+      EXPECT_LE(rel, tolerance(DeviceChoice::cuda)) << arch << " " << v.describe();
+    }
+  }
+}
+
+// --device cuda where no GPU is usable: a clear error before anything loads.
+TEST(EngineErrors, NoGpuIsAClearError) {
+  const std::string why = backend_unavailable_reason(BackendKind::cuda);
+  if (why.empty()) GTEST_SKIP() << "a GPU is present";
+  try {
+    engine::Engine e(random_model("llama"), options(DeviceChoice::cuda, VariantSpec::full(), 8));
+    ADD_FAILURE() << "ran without a GPU";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("no usable CUDA GPU"), std::string::npos)
+        << err.what();
+  }
+  // auto falls back to the CPU.
+  engine::Engine e(random_model("llama"),
+                   options(DeviceChoice::automatic, VariantSpec::full(), 8));
+  EXPECT_EQ(e.device(), Device::cpu);
+}
+
+// A run that cannot fit says so, with the numbers, before loading a weight; a sequence past its
+// capacity is refused.
+TEST(EngineErrors, MemoryAndCapacityChecks) {
+  for (DeviceChoice d : devices()) {
+    engine::EngineOptions o = options(d, VariantSpec::full(), 64);
+    o.plan_tokens = int64_t(1) << 40;  // a full cache of 10^12 tokens fits nowhere
+    try {
+      engine::Engine e(random_model("llama"), o);
+      ADD_FAILURE() << "a 2^40-token full cache fit on " << device_name(d);
+    } catch (const Error& err) {
+      const std::string m = err.what();
+      EXPECT_NE(m.find("not enough"), std::string::npos) << m;
+      EXPECT_NE(m.find("GiB"), std::string::npos) << m;
+      EXPECT_NE(m.find("free"), std::string::npos) << m;
+    }
+    engine::Engine e(random_model("llama"), options(d, VariantSpec::cca(16, 64), 64));
+    auto s = e.new_sequence(10);
+    if (d == DeviceChoice::cuda) {
+      EXPECT_THROW(test::feed(e, *s, prompt(11, 1), [](int64_t, int64_t) {}), Error);
+    }
+    EXPECT_THROW(e.new_sequence(0), Error);
+  }
+}
+
+}  // namespace
+}  // namespace cca
