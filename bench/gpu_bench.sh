@@ -15,17 +15,7 @@ STAGES=${STAGES:-"build test sanitize bench peers"}
 BUILD=${BUILD_DIR:-build-gpu}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-ORIG_LD=${LD_LIBRARY_PATH:-}
-if ls .deps/*.deb >/dev/null 2>&1; then
-  mkdir -p /opt/deps
-  for f in .deps/*.deb; do dpkg -x "$f" /opt/deps; done
-  export PKG_CONFIG_PATH=/opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig:/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread/pkgconfig:${PKG_CONFIG_PATH:-}
-  export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}
-  command -v pkg-config >/dev/null || export PKG_CONFIG=/opt/deps/usr/bin/pkgconf
-  export PKG_CONFIG_SYSROOT_DIR=/opt/deps
-  PREFIX="-DCMAKE_PREFIX_PATH=/opt/deps/usr"
-  [ -n "${PKG_CONFIG:-}" ] && PREFIX="$PREFIX -DPKG_CONFIG_EXECUTABLE=$PKG_CONFIG"
-fi
+source bench/deps_env.sh
 
 if has build; then
   echo "== build ($BUILD)"
