@@ -51,12 +51,19 @@ if has long; then
   "$BUILD/cca" info --model "$M" --device cuda | head -8
   for T in ${PROMPTS:-131072 1048576}; do
     python3 -c "import random; random.seed($T); print(' '.join(str(random.randrange(3, 128000)) for _ in range($T)))" >"$WORK/p$T.ids"
-    N=$([ "$T" -gt 200000 ] && echo 8 || echo 32)
+    N=$([ "$T" -gt 200000 ] && echo 8 || echo 64)
     timeout 300 "$BUILD/cca" generate --model "$M" --ids "$WORK/p$T.ids" -n $N --greedy \
       --ignore-eos --allow-long-prompt --device cuda --stats --no-progress \
       >"$OUT/gen$T.out" 2>"$OUT/gen$T.err"
     echo "prompt $T: exit $?"; tail -2 "$OUT/gen$T.err"
     summary+=("$(tail -2 "$OUT/gen$T.err" | head -1)")
+    if [ "$T" -le 200000 ]; then  # the same decode without CUDA graphs: what replaying saves
+      timeout 300 "$BUILD/cca" generate --model "$M" --ids "$WORK/p$T.ids" -n $N --greedy \
+        --ignore-eos --allow-long-prompt --device cuda --no-progress --no-cuda-graphs \
+        >"$OUT/gen$T-eager.out" 2>"$OUT/gen$T-eager.err"
+      cmp -s "$OUT/gen$T.out" "$OUT/gen$T-eager.out" && same=same || same=different
+      summary+=("eager (no graphs), tokens $same: $(tail -1 "$OUT/gen$T-eager.err")")
+    fi
   done
 fi
 

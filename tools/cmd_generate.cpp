@@ -242,6 +242,8 @@ void run_generate(const GenerateArgs& a) {
     s["full_kv_bytes"] = full_kv;
     s["peak_memory_bytes"] = eng.peak_memory_bytes();
     s["threads"] = eng.context().threads();
+    s["graph_replays"] = eng.graph_replays();
+    s["graph_captures"] = eng.graph_captures();
     std::fprintf(stderr, "%s\n", s.dump().c_str());
   }
 }

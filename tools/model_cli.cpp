@@ -29,6 +29,7 @@ engine::EngineOptions ModelRunFlags::engine_options(int64_t plan_tokens, int64_t
   o.chunk = chunk;
   o.max_batch = batch;
   o.plan_tokens = plan_tokens;
+  o.cuda_graphs = !no_cuda_graphs;
   return o;
 }
 
@@ -60,6 +61,8 @@ void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run) {
                   "on the GPU)")
       ->capture_default_str();
   cmd->add_flag("--no-progress", f.no_progress, "no progress bar on stderr");
+  cmd->add_flag("--no-cuda-graphs", f.no_cuda_graphs,
+                "GPU decode steps run eagerly instead of replaying a captured CUDA graph");
   auto* mc = cmd->add_option("--max-context", f.max_context,
                              "context limit in tokens (default: max_position_embeddings)");
   auto* al = cmd->add_flag("--allow-long-prompt", f.allow_long_prompt,

@@ -28,6 +28,7 @@ struct ModelRunFlags : VariantFlags {
   int64_t max_context = 0;  // 0: the model's max_position_embeddings
   bool allow_long_prompt = false;
   bool no_progress = false;
+  bool no_cuda_graphs = false;
 
   // The engine's options for runs of at most `plan_tokens` tokens per sequence, `batch`
   // sequences at a time (checks every flag's value).

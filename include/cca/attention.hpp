@@ -20,7 +20,17 @@ struct RunOptions {
   BackendKind backend = BackendKind::automatic;  // automatic: cuda for device tensors, else cpu
   int threads = 0;                               // CPU threads; 0 = all
   void* stream = nullptr;                        // cudaStream_t for the cuda backend
+  // Caller-owned device scratch for the split-KV decode kernel's partial results (see
+  // decode_workspace_bytes); without it (or when too small) the backend takes scratch from its
+  // stream-ordered pool.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
+
+// Bytes of workspace that a decode step of `sequences` sequences (one token each, Hq query
+// heads of head_dim D, any lengths) needs at most on the cuda backend: the split-KV partial
+// outputs. 0 where the cuda backend is not built.
+int64_t decode_workspace_bytes(int64_t sequences, int64_t hq, int64_t head_dim);
 
 // Prefill: O[B,T,Hq,D] = attention of Q[B,T,Hq,D] over K,V[B,T,Hkv,D] under `variant`
 // (for cca: pooling of the m = max(0, (T-s)/g) core tokens, then one softmax over core + local).

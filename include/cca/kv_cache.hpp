@@ -50,12 +50,24 @@ class KvCache {
   int64_t full_cache_bytes() const;
   const VariantSpec& variant() const;
 
+  // CUDA-graph decode (kv_cache_decode_step): true when the next one-token step can run with the
+  // same launch arguments as the one before it: a fixed-capacity cache on the cuda backend whose
+  // raw window will not move and whose sinks are full.
+  bool next_step_replayable() const;
+  // The host bookkeeping of one token appended by a replay of a captured kv_cache_decode_step
+  // (launches nothing). Requires next_step_replayable().
+  void advance_replayed();
+
+  struct Impl;  // opaque: kv_cache.cpp
+
  private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
   friend void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
                                     const TensorView& k, const TensorView& v,
                                     const TensorView& out, const TensorView& lse);
+  friend void kv_cache_decode_step(const std::vector<KvCache*>& caches, const TensorView& q,
+                                   const TensorView& k, const TensorView& v,
+                                   const TensorView& out, const int32_t* positions);
 };
 
 // One step for several sequences at different lengths, each in its own cache (batch 1; all with
@@ -66,5 +78,15 @@ class KvCache {
 void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
                            const TensorView& k, const TensorView& v, const TensorView& out,
                            const TensorView& lse = {});
+
+// kv_cache_append_batch for one token per sequence (n = 1) whose kernels read sequence s's
+// position from positions[s] (device int32, equal to caches[s]->length()) instead of taking it
+// as an argument: the copy of the new key and value, the pooling of a group the token completes
+// and the attention are launched with the same arguments at every step while each cache's
+// next_step_replayable() holds, so the step can be captured in a CUDA graph once and replayed
+// (then advance_replayed() on each cache). Needs that condition now.
+void kv_cache_decode_step(const std::vector<KvCache*>& caches, const TensorView& q,
+                          const TensorView& k, const TensorView& v, const TensorView& out,
+                          const int32_t* positions);
 
 }  // namespace cca

@@ -34,6 +34,11 @@ struct AttendProblem {
   float scale = 1.f;
   int threads = 0;
   void* stream = nullptr;
+  // Decode steps replayed from a CUDA graph: the position of q's first row is read from this
+  // device int32 when set (q_pos0 is then only the host's copy, used to plan the launch).
+  const int32_t* q_pos_device = nullptr;
+  void* workspace = nullptr;  // caller-owned decode scratch (RunOptions::workspace)
+  int64_t workspace_bytes = 0;
 };
 
 // Pool groups [group_begin, group_end) into k_core/v_core rows 0 .. count-1.
@@ -48,6 +53,10 @@ struct PoolProblem {
   float scale = 1.f;
   int threads = 0;
   void* stream = nullptr;
+  // Device-positioned mode (one query, q_pos0 read from here on the device): the group that
+  // this query completes, if any, is pooled into row (position + 1) / g - 1 of k_core/v_core,
+  // which then view the whole core store; group_begin/group_end are ignored.
+  const int32_t* pos_device = nullptr;
 };
 
 class Backend {
@@ -70,6 +79,10 @@ class Backend {
   // dst = src for two [B, n, H, D] views of the same shape and dtype on this backend's device,
   // ordered on `stream` (a cudaStream_t for the cuda backend; ignored on the host).
   virtual void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const;
+  // dst rows (position - pos0) .. for src [B, n, H, D], with `position` read on the device from
+  // `pos_device`: the decode step's append of its new key and value (cuda only).
+  virtual void copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
+                              const TensorView& src, void* stream) const;
 };
 
 // The backend to run; throws cca::Error if it is not compiled in or cannot run here.

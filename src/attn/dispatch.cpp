@@ -74,6 +74,16 @@ void Backend::attend_batch(const std::vector<AttendProblem>& problems) const {
   for (const AttendProblem& p : problems) attend(p);
 }
 
+void Backend::copy_tensor_at(const TensorView&, int64_t, const int32_t*, const TensorView&,
+                             void*) const {
+  throw Error(std::string("backend ") + backend_name(kind()) +
+              " has no device-positioned copies (CUDA-graph decode steps need the cuda backend)");
+}
+
+#ifndef CCA_WITH_CUDA
+int64_t decode_workspace_bytes(int64_t, int64_t, int64_t) { return 0; }
+#endif
+
 void Backend::copy_tensor(const TensorView& dst, const TensorView& src, void*) const {
   const int64_t row_bytes = src.shape[3] * dtype_size(src.dtype);
   for (int64_t b = 0; b < src.shape[0]; ++b)

@@ -235,7 +235,61 @@ struct KvCache::Impl {
     a.scale = scale;
     a.threads = run.threads;
     a.stream = run.stream;
+    a.workspace = run.workspace;
+    a.workspace_bytes = run.workspace_bytes;
     return Pending{a, c, core_end, sink_end};
+  }
+
+  bool replayable() const {
+    if (capacity.max_tokens <= 0 || be->device() != Device::cuda || n + 1 > capacity.max_tokens)
+      return false;
+    if (variant.has_sinks() && n < variant.sinks) return false;
+    return raw_off + raw_rows() + 1 <= raw_k.capacity();
+  }
+
+  // prepare() of one token whose position the kernels read from `pos` (device int32): the raw
+  // store is passed whole, with row r holding position raw_begin - raw_off + r (constant while
+  // the window does not move), and the core store whole (the kernels take the core count from
+  // the position), so every launch argument is the same from step to step.
+  Pending prepare_at(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const int32_t* pos) {
+    check(replayable(), "KvCache: this step cannot run from device-held positions (the cache "
+                        "window moves, the sinks fill, or the cache has no fixed capacity)");
+    const float scale = variant.scale_for(D);
+    const int64_t pos0 = raw_begin - raw_off;
+    const TensorView sk = raw_k.rows(0, raw_k.capacity()), sv = raw_v.rows(0, raw_v.capacity());
+    be->copy_tensor_at(sk, pos0, pos, k, run.stream);
+    be->copy_tensor_at(sv, pos0, pos, v, run.stream);
+    const KvSegment raw{sk, sv, pos0};
+    const int64_t core_end = variant.has_core() ? (n + 1) / variant.group : 0;
+    const int64_t core_rows = core_k.capacity();
+    if (variant.has_core() && core_rows > 0) {
+      PoolProblem pp;
+      pp.q = q;
+      pp.q_pos0 = n;
+      pp.raw = raw;
+      pp.k_core = core_k.rows(0, core_rows);
+      pp.v_core = core_v.rows(0, core_rows);
+      pp.variant = variant;
+      pp.scale = scale;
+      pp.stream = run.stream;
+      pp.pos_device = pos;
+      be->pool(pp);
+    }
+    AttendProblem a;
+    a.q = q;
+    a.q_pos0 = n;
+    a.q_pos_device = pos;
+    if (core_rows > 0) a.core = KvSegment{core_k.rows(0, core_rows), core_v.rows(0, core_rows), 0};
+    if (n_sink > 0) a.sink = KvSegment{sink_k.rows(0, n_sink), sink_v.rows(0, n_sink), 0};
+    a.local = raw;
+    a.out = out;
+    a.variant = variant;
+    a.scale = scale;
+    a.stream = run.stream;
+    a.workspace = run.workspace;
+    a.workspace_bytes = run.workspace_bytes;
+    return Pending{a, 1, core_end, n_sink};
   }
 
   // 4. Advance, then evict raw positions no later query sees raw (below j(last) * g for cca).
@@ -300,6 +354,12 @@ int64_t KvCache::full_cache_bytes() const {
 }
 const VariantSpec& KvCache::variant() const { return impl_->variant; }
 DType KvCache::dtype() const { return impl_->dtype; }
+bool KvCache::next_step_replayable() const { return impl_->replayable(); }
+void KvCache::advance_replayed() {
+  Impl& m = *impl_;
+  check(m.replayable(), "KvCache: advance_replayed() on a step that could not be replayed");
+  m.commit(Impl::Pending{{}, 1, m.variant.has_core() ? (m.n + 1) / m.variant.group : 0, m.n_sink});
+}
 int64_t KvCache::allocated_bytes() const {
   const Impl& m = *impl_;
   int64_t b = 0;
@@ -314,33 +374,15 @@ static bool same_variant(const VariantSpec& a, const VariantSpec& b) {
          a.pool == b.pool && a.pool_heads == b.pool_heads && same_scale;
 }
 
-void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
-                           const TensorView& k, const TensorView& v, const TensorView& out,
-                           const TensorView& lse) {
-  check(!caches.empty(), "kv_cache_append_batch: no caches given");
-  check_qkv(q, k, v);
-  check_attn_out(q, out, lse);
-  const int64_t S = int64_t(caches.size());
-  check(q.shape[0] == S, "kv_cache_append_batch: q " + q.shape_string() + " has " +
-                             std::to_string(q.shape[0]) + " rows for " + std::to_string(S) +
-                             " caches");
-  std::vector<KvCache::Impl*> impls;
-  for (int64_t s = 0; s < S; ++s) {
-    check(caches[size_t(s)] != nullptr, "kv_cache_append_batch: cache " + std::to_string(s) +
-                                            " is null");
-    KvCache::Impl* m = caches[size_t(s)]->impl_.get();
-    check(m->B == 1, "kv_cache_append_batch: cache " + std::to_string(s) + " holds batch " +
-                         std::to_string(m->B) + "; each sequence needs its own batch-1 cache");
-    for (const KvCache::Impl* other : impls)
-      check(other != m, "kv_cache_append_batch: cache " + std::to_string(s) + " appears twice");
-    const KvCache::Impl& first = impls.empty() ? *m : *impls.front();
-    check(same_variant(m->variant, first.variant) && m->be == first.be && m->dtype == first.dtype,
-          "kv_cache_append_batch: cache " + std::to_string(s) + " (" + m->variant.describe() +
-              ", backend " + backend_name(m->be->kind()) + ", " + dtype_name(m->dtype) +
-              ") differs from cache 0 (" + first.variant.describe() + ", backend " +
-              backend_name(first.be->kind()) + ", " + dtype_name(first.dtype) + ")");
-    impls.push_back(m);
-  }
+namespace {
+
+// The checks and the prepare / one batched attend / commit sequence of a batched step;
+// `prepare(impl, s, q, k, v, out, lse)` prepares sequence s.
+template <class Prepare>
+void append_batch(const std::vector<KvCache::Impl*>& impls, const TensorView& q,
+                  const TensorView& k, const TensorView& v, const TensorView& out,
+                  const TensorView& lse, Prepare prepare) {
+  const int64_t S = int64_t(impls.size());
   // Row s of every tensor is sequence s; all are checked before any cache changes.
   auto row = [](const TensorView& t, int64_t s) { return t.data ? t.slice(0, s, 1) : t; };
   for (int64_t s = 0; s < S; ++s)
@@ -349,11 +391,83 @@ void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView
   std::vector<AttendProblem> problems;
   for (int64_t s = 0; s < S; ++s) {
     pending.push_back(
-        impls[size_t(s)]->prepare(row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s)));
+        prepare(*impls[size_t(s)], s, row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s)));
     problems.push_back(pending.back().attend);
   }
   impls.front()->be->attend_batch(problems);
   for (int64_t s = 0; s < S; ++s) impls[size_t(s)]->commit(pending[size_t(s)]);
 }
+
+// Checks that `impls` (of the caches of a batched call) are distinct batch-1 caches of one kind
+// that match the tensors.
+void check_batch(const char* what, const std::vector<KvCache::Impl*>& impls, const TensorView& q,
+                 const TensorView& k, const TensorView& v, const TensorView& out,
+                 const TensorView& lse);
+
+template <class C>
+std::vector<KvCache::Impl*> impls_of(const std::vector<KvCache*>& caches, C impl) {
+  std::vector<KvCache::Impl*> r;
+  for (KvCache* c : caches) r.push_back(c ? impl(*c) : nullptr);
+  return r;
+}
+
+}  // namespace
+
+void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView& q,
+                           const TensorView& k, const TensorView& v, const TensorView& out,
+                           const TensorView& lse) {
+  const auto impls = impls_of(caches, [](KvCache& c) { return c.impl_.get(); });
+  check_batch("kv_cache_append_batch", impls, q, k, v, out, lse);
+  append_batch(impls, q, k, v, out, lse,
+               [](KvCache::Impl& m, int64_t, const TensorView& qs, const TensorView& ks,
+                  const TensorView& vs, const TensorView& os, const TensorView& ls) {
+                 return m.prepare(qs, ks, vs, os, ls);
+               });
+}
+
+void kv_cache_decode_step(const std::vector<KvCache*>& caches, const TensorView& q,
+                          const TensorView& k, const TensorView& v, const TensorView& out,
+                          const int32_t* positions) {
+  const auto impls = impls_of(caches, [](KvCache& c) { return c.impl_.get(); });
+  check_batch("kv_cache_decode_step", impls, q, k, v, out, {});
+  check(q.shape[1] == 1, "kv_cache_decode_step: one token per sequence, got q " +
+                             q.shape_string());
+  check(positions != nullptr, "kv_cache_decode_step: positions missing");
+  append_batch(impls, q, k, v, out, {},
+               [positions](KvCache::Impl& m, int64_t s, const TensorView& qs,
+                           const TensorView& ks, const TensorView& vs, const TensorView& os,
+                           const TensorView&) { return m.prepare_at(qs, ks, vs, os, positions + s); });
+}
+
+namespace {
+void check_batch(const char* what, const std::vector<KvCache::Impl*>& all, const TensorView& q,
+                 const TensorView& k, const TensorView& v, const TensorView& out,
+                 const TensorView& lse) {
+  check(!all.empty(), std::string(what) + ": no caches given");
+  check_qkv(q, k, v);
+  check_attn_out(q, out, lse);
+  const int64_t S = int64_t(all.size());
+  check(q.shape[0] == S, std::string(what) + ": q " + q.shape_string() + " has " +
+                             std::to_string(q.shape[0]) + " rows for " + std::to_string(S) +
+                             " caches");
+  std::vector<KvCache::Impl*> impls;
+  for (int64_t s = 0; s < S; ++s) {
+    KvCache::Impl* m = all[size_t(s)];
+    check(m != nullptr, std::string(what) + ": cache " + std::to_string(s) + " is null");
+    check(m->B == 1, std::string(what) + ": cache " + std::to_string(s) + " holds batch " +
+                         std::to_string(m->B) + "; each sequence needs its own batch-1 cache");
+    for (const KvCache::Impl* other : impls)
+      check(other != m, std::string(what) + ": cache " + std::to_string(s) + " appears twice");
+    const KvCache::Impl& first = impls.empty() ? *m : *impls.front();
+    check(same_variant(m->variant, first.variant) && m->be == first.be && m->dtype == first.dtype,
+          std::string(what) + ": cache " + std::to_string(s) + " (" + m->variant.describe() +
+              ", backend " + backend_name(m->be->kind()) + ", " + dtype_name(m->dtype) +
+              ") differs from cache 0 (" + first.variant.describe() + ", backend " +
+              backend_name(first.be->kind()) + ", " + dtype_name(first.dtype) + ")");
+    impls.push_back(m);
+  }
+}
+
+}  // namespace
 
 }  // namespace cca

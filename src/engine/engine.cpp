@@ -156,8 +156,21 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(op
 }
 
 Engine::~Engine() {
+  drop_graph();
   acts_.reset();
   model_.reset();
+}
+
+void Engine::drop_graph() {
+  if (graph_.exec) ops::Context::destroy_graph(graph_.exec);
+  graph_ = DecodeGraph{};
+}
+
+void Engine::note_peak_memory() {
+  if (device() != Device::cuda) return;
+  int64_t free_b = 0, total_b = 0;
+  ctx_->memory_info(&free_b, &total_b);
+  peak_device_ = std::max(peak_device_, total_b - free_b);
 }
 
 int64_t Engine::peak_memory_bytes() const {
@@ -185,11 +198,19 @@ std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) const {
                               gib(need) + " needed, " + gib(free_b) + " free");
   }
   s->caches_ = model::make_caches(*model_, opt_.variant, kv_dtype_, fixed ? max_tokens : 0,
-                                  fixed ? opt_.chunk : 0);
+                                  fixed ? opt_.chunk : 0, acts_->attn_workspace,
+                                  acts_->attn_workspace_bytes);
   return s;
 }
 
 void Engine::step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens) {
+  last_decode_.clear();
+  run_step(seqs, tokens, false);
+  note_peak_memory();
+}
+
+void Engine::run_step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens,
+                      bool device_positions) {
   check(!seqs.empty() && seqs.size() == tokens.size(), "a step needs one token list per sequence");
   check(int64_t(seqs.size()) <= opt_.max_batch,
         "a step of " + std::to_string(seqs.size()) + " sequences exceeds the engine's batch of " +
@@ -214,14 +235,89 @@ void Engine::step(std::span<Sequence* const> seqs, std::span<const TokenIds* con
   check(n <= acts_->rows(), "a step of " + std::to_string(n) + " tokens exceeds the " +
                                 std::to_string(acts_->rows()) + "-token step size");
   acts_->set_tokens(ids_.data(), pos_.data(), n);
-  model::forward(*acts_, slices_, n);
+  model::forward(*acts_, slices_, n, device_positions);
   for (size_t i = 0; i < seqs.size(); ++i) seqs[i]->length_ += int64_t(tokens[i]->size());
   step_rows_ = n;
-  if (device() == Device::cuda) {
-    int64_t free_b = 0, total_b = 0;
-    ctx_->memory_info(&free_b, &total_b);
-    peak_device_ = std::max(peak_device_, total_b - free_b);
+}
+
+std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
+                                    std::span<const int32_t> tokens, bool greedy,
+                                    std::vector<float>* logits_out) {
+  check(seqs.size() == tokens.size() && !seqs.empty(), "decode: one token per sequence");
+  const int64_t S = int64_t(seqs.size()), V = config().vocab_size;
+  std::vector<int32_t> rows(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) rows[size_t(i)] = int32_t(i);
+  bool replayable = device() == Device::cuda && opt_.cuda_graphs;
+  for (Sequence* s : seqs)
+    for (const KvCache& c : s->caches_) replayable = replayable && c.next_step_replayable();
+  const std::vector<Sequence*> batch(seqs.begin(), seqs.end());
+  std::vector<int32_t> next;
+
+  if (!replayable) {  // eager
+    drop_graph();
+    std::vector<TokenIds> tok(static_cast<size_t>(S));
+    std::vector<const TokenIds*> tp;
+    for (int64_t i = 0; i < S; ++i) {
+      tok[size_t(i)] = {tokens[size_t(i)]};
+      tp.push_back(&tok[size_t(i)]);
+    }
+    step(seqs, tp);
+    if (greedy) return argmax(rows);
+    logits(rows, *logits_out);
+    return {};
   }
+
+  std::vector<int32_t> pos(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) pos[size_t(i)] = int32_t(seqs[size_t(i)]->length_);
+  if (graph_.exec && graph_.seqs == batch && graph_.greedy == greedy) {
+    // Replay: new ids and positions into the pinned staging the graph copies from.
+    acts_->stage_tokens(tokens.data(), pos.data(), S);
+    ctx_->launch_graph(graph_.exec);
+    for (Sequence* s : seqs) {
+      for (KvCache& c : s->caches_) c.advance_replayed();
+      ++s->length_;
+    }
+    step_rows_ = S;
+    ++graph_replays_;
+  } else {
+    drop_graph();
+    // A batch is captured the second time in a row it decodes: the first step runs eagerly
+    // and so warms every lazily initialised kernel attribute and GEMM plan of its shapes.
+    const bool capture = last_decode_ == batch;
+    std::vector<TokenIds> tok(static_cast<size_t>(S));
+    std::vector<const TokenIds*> tp;
+    for (int64_t i = 0; i < S; ++i) {
+      tok[size_t(i)] = {tokens[size_t(i)]};
+      tp.push_back(&tok[size_t(i)]);
+    }
+    if (capture) ctx_->begin_capture();
+    try {
+      run_step(seqs, tp, /*device_positions=*/true);
+      acts_->set_logit_rows(rows.data(), S);
+      model::compute_logits(*acts_, S);
+      if (greedy) {
+        ops::argmax_rows(*ctx_, acts_->logits.slice(0, 0, S), acts_->sel);
+        ctx_->download_async(acts_->host_next, acts_->sel, S * 4);
+      } else {
+        ctx_->download_async(acts_->host_logits, acts_->logits.data, S * V * 4);
+      }
+    } catch (...) {
+      // A failed capture leaves the caches' bookkeeping a step ahead of their contents.
+      if (capture) ctx_->abort_capture();
+      throw;
+    }
+    if (capture) {
+      graph_ = DecodeGraph{batch, greedy, ctx_->end_capture()};
+      ctx_->launch_graph(graph_.exec);
+      ++graph_captures_;
+    }
+    last_decode_ = batch;
+  }
+  ctx_->synchronize();
+  note_peak_memory();
+  if (greedy) return std::vector<int32_t>(acts_->host_next, acts_->host_next + S);
+  logits_out->assign(acts_->host_logits, acts_->host_logits + S * V);
+  return {};
 }
 
 void Engine::logits(std::span<const int32_t> rows, std::vector<float>& out) {
@@ -329,8 +425,7 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
 
   const double d0 = now_s();
   std::vector<Sequence*> batch;
-  std::vector<TokenIds> tok;
-  std::vector<const TokenIds*> tok_ptr;
+  std::vector<int32_t> step_ids;
   std::vector<size_t> who;
   while (true) {
     who.clear();
@@ -341,24 +436,16 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
     for (size_t b0 = 0; b0 < who.size(); b0 += size_t(opt_.max_batch)) {
       const size_t nb = std::min(who.size() - b0, size_t(opt_.max_batch));
       batch.clear();
-      tok.assign(nb, TokenIds(1));
-      tok_ptr.clear();
+      step_ids.clear();
       bool all_greedy = true;
       for (size_t j = 0; j < nb; ++j) {
         const size_t i = who[b0 + j];
         batch.push_back(seqs[i].get());
-        tok[j][0] = last[i];
-        tok_ptr.push_back(&tok[j]);
+        step_ids.push_back(last[i]);
         all_greedy = all_greedy && requests[i].sampling.greedy;
       }
-      step(batch, tok_ptr);
-      std::vector<int32_t> rows(nb);
-      for (size_t j = 0; j < nb; ++j) rows[j] = int32_t(j);
-      std::vector<int32_t> next;
-      if (all_greedy) {
-        next = argmax(rows);
-      } else {
-        logits(rows, buf);
+      std::vector<int32_t> next = decode(batch, step_ids, all_greedy, &buf);
+      if (!all_greedy) {
         const int64_t V = config().vocab_size;
         for (size_t j = 0; j < nb; ++j)
           next.push_back(samplers[who[b0 + j]].next(

@@ -35,6 +35,7 @@ struct EngineOptions {
   int64_t chunk = 0;        // prefill tokens per step; 0: 256 on the cpu, 8192 on the GPU
   int64_t max_batch = 1;    // sequences stepped together
   int64_t plan_tokens = 0;  // tokens per sequence the caller will run (memory check); 0: none
+  bool cuda_graphs = true;  // GPU decode steps replayed from a captured CUDA graph
 };
 
 // Where and in what precision a run of a model goes, decided before anything loads.
@@ -149,6 +150,16 @@ class Engine {
   // After a step: the argmax id of each of step rows `rows` (computed on the device).
   std::vector<int32_t> argmax(std::span<const int32_t> rows);
 
+  // One decode step: seqs[i] takes tokens[i]; returns the greedy next id of each (`greedy`) or
+  // leaves the float32 logits [seqs, V] in `logits`. On the GPU (cuda_graphs) the whole step —
+  // every layer, the logits and the argmax — is captured in a CUDA graph the first time a
+  // batch of sequences repeats, and replayed while the batch stays the same and no cache's
+  // window moves; otherwise it runs as step().
+  std::vector<int32_t> decode(std::span<Sequence* const> seqs, std::span<const int32_t> tokens,
+                              bool greedy, std::vector<float>* logits);
+  int64_t graph_replays() const { return graph_replays_; }  // decode steps run from a graph
+  int64_t graph_captures() const { return graph_captures_; }
+
   // Runs `ids` into `seq` in chunks; after the last chunk, the float32 logits of its last token
   // are in `last_logits` (when given) and the greedy id is returned.
   int32_t prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* last_logits,
@@ -176,6 +187,19 @@ class Engine {
   MemoryPlan plan_;
   int64_t step_rows_ = 0;  // rows of the last step
   int64_t peak_device_ = 0;
+  // The captured decode step: its sequences (in order) and whether it ends in the argmax.
+  struct DecodeGraph {
+    std::vector<Sequence*> seqs;
+    bool greedy = true;
+    void* exec = nullptr;
+  };
+  DecodeGraph graph_;
+  std::vector<Sequence*> last_decode_;  // the batch of the last eager decode step
+  int64_t graph_replays_ = 0, graph_captures_ = 0;
+  void drop_graph();
+  void note_peak_memory();
+  void run_step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens,
+                bool device_positions);
   std::vector<int32_t> ids_, pos_;
   std::vector<model::StepSlice> slices_;
 };

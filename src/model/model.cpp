@@ -55,6 +55,7 @@ int64_t Activations::bytes(const ModelConfig& c, DType dt, int64_t R, int64_t L,
                                                               dtype_size(dt);
   if (kv != dt) b += R * (qkv + qd) * dtype_size(kv);
   b += L * c.hidden_size * (4 + dtype_size(dt)) + L * c.vocab_size * 4;
+  b += decode_workspace_bytes(L, c.num_heads, c.head_dim);
   return b + 4 * (2 * R + L) + 16 * 256;  // ids, positions, rows; alignment
 }
 
@@ -90,37 +91,63 @@ Activations::Activations(const Model& m, int64_t R, int64_t L, DType kv)
     }
     mem_.push_back(ctx.alloc(L * 4, "logits rows"));
     sel = static_cast<int32_t*>(mem_.back());
+    // Decode steps of up to L sequences attend with this scratch (fixed: graphs replay it).
+    attn_workspace_bytes = decode_workspace_bytes(L, c.num_heads, c.head_dim);
+    if (attn_workspace_bytes > 0) {
+      mem_.push_back(ctx.alloc(attn_workspace_bytes, "the attention workspace"));
+      attn_workspace = mem_.back();
+    }
+    auto host = [&](int64_t bytes) {
+      host_mem_.push_back(ctx.alloc_host(bytes, "step staging"));
+      return host_mem_.back();
+    };
+    host_ids = static_cast<int32_t*>(host(R * 4));
+    host_pos = static_cast<int32_t*>(host(R * 4));
+    host_sel = static_cast<int32_t*>(host(L * 4));
+    host_next = static_cast<int32_t*>(host(L * 4));
+    host_logits = static_cast<float*>(host(L * c.vocab_size * 4));
   } catch (...) {
     for (void* p : mem_) ctx.free(p);
+    for (void* p : host_mem_) ctx.free_host(p);
     throw;
   }
 }
 
 Activations::~Activations() {
   for (void* p : mem_) m_->context().free(p);
+  for (void* p : host_mem_) m_->context().free_host(p);
 }
 
-void Activations::set_tokens(const int32_t* id, const int32_t* pos, int64_t n) {
+void Activations::stage_tokens(const int32_t* id, const int32_t* pos, int64_t n) {
   check(n >= 1 && n <= rows_, "a step of " + std::to_string(n) + " tokens does not fit the " +
                                   std::to_string(rows_) + " rows of its buffers");
   const int64_t V = m_->config().vocab_size;
   for (int64_t r = 0; r < n; ++r)
     check(id[r] >= 0 && id[r] < V, "token id " + std::to_string(id[r]) +
                                        " is out of range for vocab_size " + std::to_string(V));
-  host_ids_.assign(id, id + n);
-  host_pos_.assign(pos, pos + n);
-  m_->context().upload(ids, host_ids_.data(), n * 4);
-  m_->context().upload(positions, host_pos_.data(), n * 4);
+  std::copy(id, id + n, host_ids);
+  std::copy(pos, pos + n, host_pos);
+}
+
+void Activations::upload_tokens(int64_t n) {
+  m_->context().upload(ids, host_ids, n * 4);
+  m_->context().upload(positions, host_pos, n * 4);
+}
+
+void Activations::set_tokens(const int32_t* id, const int32_t* pos, int64_t n) {
+  stage_tokens(id, pos, n);
+  upload_tokens(n);
 }
 
 void Activations::set_logit_rows(const int32_t* r, int64_t m) {
   check(m >= 1 && m <= logit_rows_, "logits of " + std::to_string(m) + " rows do not fit the " +
                                         std::to_string(logit_rows_) + " rows of their buffer");
-  host_sel_.assign(r, r + m);
-  m_->context().upload(sel, host_sel_.data(), m * 4);
+  std::copy(r, r + m, host_sel);
+  m_->context().upload(sel, host_sel, m * 4);
 }
 
-void forward(Activations& a, std::span<const StepSlice> slices, int64_t n) {
+void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
+             bool device_positions) {
   const Model& m = a.model();
   const ops::Context& ctx = m.context();
   const ModelConfig& c = m.config();
@@ -135,10 +162,10 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n) {
   const bool kv_convert = !a.kv_qkv.empty();
   const TensorView kv_qkv = kv_convert ? rows(a.kv_qkv) : qkv;
   const TensorView kv_att = kv_convert ? rows(a.kv_att) : att;
-  const bool batched = slices.size() > 1 && std::all_of(slices.begin(), slices.end(),
-                                                        [](const StepSlice& s) {
-                                                          return s.rows == 1;
-                                                        });
+  const bool one_each = std::all_of(slices.begin(), slices.end(),
+                                    [](const StepSlice& s) { return s.rows == 1; });
+  check(!device_positions || one_each, "device-held positions need one token per sequence");
+  const bool batched = device_positions || (slices.size() > 1 && one_each);
 
   ops::embed(ctx, a.ids, w.embed, x);
   for (size_t l = 0; l < w.layers.size(); ++l) {
@@ -151,10 +178,14 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n) {
       std::vector<KvCache*> caches;
       for (const StepSlice& s : slices) caches.push_back(&(*s.caches)[l]);
       const int64_t S = int64_t(slices.size());
-      kv_cache_append_batch(caches, heads_view(kv_qkv, 0, S, 1, 0, Hq, D),
-                            heads_view(kv_qkv, 0, S, 1, Hq, Hkv, D),
-                            heads_view(kv_qkv, 0, S, 1, Hq + Hkv, Hkv, D),
-                            heads_view(kv_att, 0, S, 1, 0, Hq, D));
+      const TensorView q = heads_view(kv_qkv, 0, S, 1, 0, Hq, D),
+                       k = heads_view(kv_qkv, 0, S, 1, Hq, Hkv, D),
+                       v = heads_view(kv_qkv, 0, S, 1, Hq + Hkv, Hkv, D),
+                       o = heads_view(kv_att, 0, S, 1, 0, Hq, D);
+      if (device_positions)
+        kv_cache_decode_step(caches, q, k, v, o, a.positions);
+      else
+        kv_cache_append_batch(caches, q, k, v, o);
     } else {
       for (const StepSlice& s : slices)
         (*s.caches)[l].append(heads_view(kv_qkv, s.row0, 1, s.rows, 0, Hq, D),
@@ -184,12 +215,15 @@ void compute_logits(Activations& a, int64_t m) {
 }
 
 std::vector<KvCache> make_caches(const Model& m, const VariantSpec& v, DType kv_dtype,
-                                 int64_t max_tokens, int64_t max_chunk) {
+                                 int64_t max_tokens, int64_t max_chunk, void* workspace,
+                                 int64_t workspace_bytes) {
   const ModelConfig& c = m.config();
   RunOptions run;
   run.backend = m.context().device() == Device::cuda ? BackendKind::cuda : BackendKind::cpu;
   run.threads = m.context().threads();
   run.stream = m.context().stream();
+  run.workspace = workspace;
+  run.workspace_bytes = workspace_bytes;
   std::vector<KvCache> caches;
   caches.reserve(size_t(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l)

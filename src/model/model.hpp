@@ -59,8 +59,12 @@ class Activations {
 
   int64_t rows() const { return rows_; }
   int64_t logit_rows() const { return logit_rows_; }
-  // Token ids and their positions for the next forward, `n` rows (copied to the device).
+  // Token ids and their positions for the next forward, `n` rows: checked, staged in the host
+  // buffers, and copied to the device (set_tokens) or only staged (stage_tokens: a replayed
+  // CUDA graph copies them).
   void set_tokens(const int32_t* ids, const int32_t* positions, int64_t n);
+  void stage_tokens(const int32_t* ids, const int32_t* positions, int64_t n);
+  void upload_tokens(int64_t n);
   // Rows of the last forward to take logits of (copied to the device).
   void set_logit_rows(const int32_t* rows, int64_t m);
 
@@ -69,12 +73,18 @@ class Activations {
   TensorView sel_x, sel_h, logits;     // the logits path: gathered rows, normed, float32 logits
   TensorView kv_qkv, kv_att;           // q|k|v and attention in the caches' dtype (or empty)
   int32_t *ids = nullptr, *positions = nullptr, *sel = nullptr;  // device int32 arrays
+  void* attn_workspace = nullptr;  // the decode kernel's scratch (RunOptions::workspace)
+  int64_t attn_workspace_bytes = 0;
+  // Host staging, pinned on the GPU (fixed addresses that a CUDA graph's copies use): ids and
+  // positions [rows], logits rows [logit_rows], and where results land: next ids [logit_rows],
+  // logits [logit_rows, V].
+  int32_t *host_ids = nullptr, *host_pos = nullptr, *host_sel = nullptr, *host_next = nullptr;
+  float* host_logits = nullptr;
 
  private:
   const Model* m_;
   int64_t rows_, logit_rows_;
-  std::vector<void*> mem_;
-  std::vector<int32_t> host_ids_, host_pos_, host_sel_;  // upload sources, alive until the next set
+  std::vector<void*> mem_, host_mem_;
 };
 
 // A run of consecutive rows of a step that belong to one sequence, whose per-layer caches
@@ -86,8 +96,11 @@ struct StepSlice {
 
 // The forward of `n` rows (ids and positions set in `a`) through every layer; the slices cover
 // rows [0, n) in order. Slices of one row each (a decode step of several sequences) attend in
-// one batched call per layer. Leaves the final residual in a.x.
-void forward(Activations& a, std::span<const StepSlice> slices, int64_t n);
+// one batched call per layer; with `device_positions` (such a step, every cache
+// next_step_replayable()) through kv_cache_decode_step, whose launches a CUDA graph can replay.
+// Leaves the final residual in a.x.
+void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
+             bool device_positions = false);
 
 // a.logits rows [0, m) = lm_head(final_norm(a.x rows set by set_logit_rows)), float32.
 void compute_logits(Activations& a, int64_t m);
@@ -95,6 +108,7 @@ void compute_logits(Activations& a, int64_t m);
 // Per-layer caches for one sequence of at most `max_tokens` tokens (0: growing stores) in chunks
 // of at most `max_chunk`, on the model's device, in `kv_dtype`.
 std::vector<KvCache> make_caches(const Model& m, const VariantSpec& v, DType kv_dtype,
-                                 int64_t max_tokens, int64_t max_chunk);
+                                 int64_t max_tokens, int64_t max_chunk, void* workspace = nullptr,
+                                 int64_t workspace_bytes = 0);
 
 }  // namespace cca::model

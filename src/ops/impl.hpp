@@ -62,6 +62,15 @@ void download(const Context& ctx, void* dst, const void* src, int64_t bytes);
 void synchronize(const Context& ctx);
 void memory_info(int64_t* free_bytes, int64_t* total_bytes);  // memory_info.cpp
 std::string device_name();                                    // memory_info.cpp
+// graph.cpp: pinned staging, async downloads and CUDA graphs of the context's stream.
+void* alloc_host(int64_t bytes, const char* what);
+void free_host(void* ptr) noexcept;
+void download_async(const Context& ctx, void* dst, const void* src, int64_t bytes);
+void begin_capture(const Context& ctx);
+void* end_capture(const Context& ctx);
+void abort_capture(const Context& ctx) noexcept;
+void launch_graph(const Context& ctx, void* graph);
+void destroy_graph(void* graph) noexcept;
 }  // namespace cuda
 #endif
 

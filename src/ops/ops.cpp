@@ -135,6 +135,72 @@ void Context::synchronize() const {
 #endif
 }
 
+void* Context::alloc_host(int64_t bytes, const char* what) const {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::alloc_host(bytes, what);
+#endif
+  void* p = std::malloc(size_t(bytes > 0 ? bytes : 1));
+  check(p != nullptr, "out of host memory allocating " + std::to_string(bytes) + " bytes for " +
+                          what);
+  return p;
+}
+
+void Context::free_host(void* ptr) const {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::free_host(ptr);
+#endif
+  std::free(ptr);
+}
+
+void Context::download_async(void* dst, const void* src, int64_t bytes) const {
+  if (bytes <= 0) return;
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::download_async(*this, dst, src, bytes);
+#endif
+  std::memcpy(dst, src, size_t(bytes));
+}
+
+namespace {
+[[noreturn]] void graphs_need_cuda() {
+  throw Error("CUDA graphs need a cuda context");
+}
+}  // namespace
+
+void Context::begin_capture() const {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::begin_capture(*this);
+#endif
+  graphs_need_cuda();
+}
+
+void* Context::end_capture() const {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::end_capture(*this);
+#endif
+  graphs_need_cuda();
+}
+
+void Context::abort_capture() const noexcept {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) cuda::abort_capture(*this);
+#endif
+}
+
+void Context::launch_graph(void* graph) const {
+#ifdef CCA_WITH_CUDA
+  if (on_cuda(*this)) return cuda::launch_graph(*this, graph);
+#endif
+  graphs_need_cuda();
+}
+
+void Context::destroy_graph(void* graph) noexcept {
+#ifdef CCA_WITH_CUDA
+  cuda::destroy_graph(graph);
+#else
+  (void)graph;
+#endif
+}
+
 void Context::memory_info(int64_t* free_bytes, int64_t* total_bytes) const {
 #ifdef CCA_WITH_CUDA
   if (on_cuda(*this)) return cuda::memory_info(free_bytes, total_bytes);

@@ -45,6 +45,24 @@ class Context {
   // Device -> host; waits for the stream.
   void download(void* dst, const void* src, int64_t bytes) const;
   void synchronize() const;
+
+  // Page-locked host memory (plain host memory on the cpu): staging for transfers that a CUDA
+  // graph replays from fixed addresses.
+  void* alloc_host(int64_t bytes, const char* what) const;
+  void free_host(void* ptr) const;
+  // Device -> host ordered on the stream, not waited for (dst from alloc_host; synchronize()
+  // before reading it).
+  void download_async(void* dst, const void* src, int64_t bytes) const;
+
+  // CUDA graphs (cuda only): the work queued on the stream between begin_capture() and
+  // end_capture() becomes an executable graph (an opaque handle) that launch_graph() replays on
+  // the stream; abort_capture() ends a failed capture; destroy_graph() frees a graph.
+  void begin_capture() const;
+  void* end_capture() const;
+  void abort_capture() const noexcept;
+  void launch_graph(void* graph) const;
+  static void destroy_graph(void* graph) noexcept;
+
   // Free and total bytes of the device's memory (the host's available and total memory on the
   // cpu).
   void memory_info(int64_t* free_bytes, int64_t* total_bytes) const;

@@ -27,6 +27,7 @@ struct AttendArgs {
   SegArgs seg[3];  // core, sink, local
   int B, n, Hq;
   int64_t q_pos0;
+  const int32_t* q_pos_dev;  // decode: read q_pos0 here on the device when set
   VariantSpec variant;
   float scale_log2;  // softmax scale * log2(e): logits live in the log2 domain
 };
@@ -83,6 +84,7 @@ inline AttendArgs make_attend_args(const AttendProblem& p) {
   a.n = int(p.q.shape[1]);
   a.Hq = int(p.q.shape[2]);
   a.q_pos0 = p.q_pos0;
+  a.q_pos_dev = p.q_pos_device;
   a.variant = p.variant;
   a.scale_log2 = p.scale * 1.4426950408889634f;
   return a;

@@ -98,6 +98,8 @@ class CudaBackend final : public Backend {
     const std::string why = unsupported(p);
     check(why.empty(), "backend cuda: " + why);
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    check(!p.q_pos_device || decode_rows(p) <= DecodeTile::kMaxRows,
+          "backend cuda: device-held query positions need a decode-sized problem");
     Scratch scratch(stream);
     const AttendProblem a = aligned(p, scratch);
     if (decode_rows(a) <= DecodeTile::kMaxRows)
@@ -139,7 +141,9 @@ class CudaBackend final : public Backend {
                            {&p.v_core, "v_core"}})
       if (why.empty()) why = check_view(*t, name, p.q.dtype, D);
     check(why.empty(), "backend cuda: " + why);
-    if (p.group_end <= p.group_begin) return;
+    if (p.group_end <= p.group_begin && !p.pos_device) return;
+    check(!p.pos_device || p.q.shape[1] == 1,
+          "backend cuda: a device-positioned pool takes one query");
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     Scratch scratch(stream);
     PoolProblem a = p;
@@ -168,6 +172,10 @@ class CudaBackend final : public Backend {
   }
   void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const override {
     launch_copy_tensor(dst, src, static_cast<cudaStream_t>(stream));
+  }
+  void copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
+                      const TensorView& src, void* stream) const override {
+    launch_copy_tensor_at(dst_store, pos0, pos_device, src, static_cast<cudaStream_t>(stream));
   }
 };
 
@@ -201,3 +209,12 @@ const Backend* backend() {
 }
 
 }  // namespace cca::cuda
+
+namespace cca {
+
+int64_t decode_workspace_bytes(int64_t sequences, int64_t hq, int64_t head_dim) {
+  if (!cuda::unavailable_reason().empty()) return 0;
+  return cuda::decode_workspace_bound(sequences, hq, head_dim);
+}
+
+}  // namespace cca

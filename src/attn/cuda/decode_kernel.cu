@@ -109,8 +109,9 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   const int h0 = int(local_group % (a.Hq / G)) * G, b = int(local_group / (a.Hq / G));
   const int R = a.n * G;
 
-  const Visible vf = visible_keys(a.variant, a.q_pos0);
-  const Visible vl = visible_keys(a.variant, a.q_pos0 + a.n - 1);
+  const int64_t q_pos0 = a.q_pos_dev ? int64_t(*a.q_pos_dev) : a.q_pos0;
+  const Visible vf = visible_keys(a.variant, q_pos0);
+  const Visible vl = visible_keys(a.variant, q_pos0 + a.n - 1);
   int64_t lo[3], len[3], full_lo[3], full_hi[3];
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   }
   if (tid < a.n * 3) {
     const int qi = tid / 3, s = tid % 3;
-    seg_range(visible_keys(a.variant, a.q_pos0 + qi), s, s_rng[qi][s][0], s_rng[qi][s][1]);
+    seg_range(visible_keys(a.variant, q_pos0 + qi), s, s_rng[qi][s][0], s_rng[qi][s][1]);
   }
   const int64_t off1 = len[0], off2 = len[0] + len[1], total = off2 + len[2];
   const int64_t per_split = (total + splits - 1) / splits;
@@ -414,7 +415,11 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
     slots += int64_t(x.a.B) * x.a.Hq * x.a.n * x.splits;
     max_splits = std::max(max_splits, x.splits);
   }
-  void* ws = max_splits > 1 ? scratch_alloc(slots * (D + 2) * 4, stream) : nullptr;
+  // The caller's workspace when it is large enough (a CUDA graph replays the same pointer), else
+  // scratch from the pool.
+  const int64_t need = max_splits > 1 ? slots * (D + 2) * 4 : 0;
+  const bool own = need > 0 && ps[0].workspace && ps[0].workspace_bytes >= need;
+  void* ws = need == 0 ? nullptr : own ? ps[0].workspace : scratch_alloc(need, stream);
   d.part_o = static_cast<float*>(ws);
   d.part_ml = ws ? d.part_o + slots * D : nullptr;
 
@@ -431,13 +436,20 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
   launch(kernel, grid, DecodeTile::kThreads, kSmem, stream, pdl, d);
   if (ws) {
     launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), D, 0, stream, pdl, d);
-    scratch_free(ws, stream);
+    if (!own) scratch_free(ws, stream);
   }
 }
 
 }  // namespace
 
 int64_t decode_rows(const AttendProblem& p) { return p.q.shape[1] * heads_per_block(p); }
+
+// Slots of a launch are at most (its blocks + one per row group) x kMaxRows: the slice counts
+// are rounded shares of kBlocksPerSm blocks per SM, at least one per problem.
+int64_t decode_workspace_bound(int64_t sequences, int64_t hq, int64_t head_dim) {
+  const int64_t blocks = int64_t(DecodeTile::kBlocksPerSm) * sm_count();
+  return (blocks + sequences * hq) * DecodeTile::kMaxRows * (head_dim + 2) * 4 * 2;
+}
 
 void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream_t stream,
                           int force_splits) {

@@ -12,6 +12,8 @@ namespace cca::cuda {
 // Query rows per block that the split-KV decode kernel handles: queries x heads sharing a KV
 // head. attend() takes the decode kernel when this is at most DecodeTile::kMaxRows.
 int64_t decode_rows(const AttendProblem& p);
+// Upper bound of the decode workspace (RunOptions::workspace) for `sequences` problems.
+int64_t decode_workspace_bound(int64_t sequences, int64_t hq, int64_t head_dim);
 
 // Tensor-core tile kernel (prefill, chunked prefill). Needs 16-byte aligned rows.
 void launch_attend_tiles(const AttendProblem& p, cudaStream_t stream);
@@ -28,6 +30,9 @@ void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream
 void launch_pool(const PoolProblem& p, cudaStream_t stream);
 // dst = src for two [B, n, H, D] views of the same shape and 16-bit or 32-bit dtype.
 void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream_t stream);
+// dst_store rows (*pos_device - pos0) + t = src rows t: the position read on the device.
+void launch_copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
+                           const TensorView& src, cudaStream_t stream);
 
 // Stream-ordered scratch memory from the backend's own pool (device.cpp), which keeps up to
 // 256 MB of freed memory for reuse: the default pool returns it at every synchronisation, and

@@ -22,6 +22,7 @@ struct PoolArgs {
   int64_t kc_sb, kc_st, kc_sh, vc_sb, vc_st, vc_sh;
   int B, Hq, Hkv, Hc;
   int64_t q_pos0, raw_pos0, group, group_begin, count;
+  const int32_t* pos;  // device-positioned mode (count = 1): see PoolProblem::pos_device
   PoolMode mode;
   float scale_log2;
 };
@@ -43,10 +44,17 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kg = lane / kL, e = (lane % kL) * 8;
   const int64_t item = int64_t(blockIdx.x) * PoolTile::kWarps + warp;
   if (item >= int64_t(a.B) * a.count * a.Hc) return;  // whole warp leaves together
+  const int64_t g = a.group;
+  int64_t q_pos0 = a.q_pos0, group_begin = a.group_begin, out_row0 = 0;
+  if (a.pos) {  // one query at a device-held position: pool the group it completes, if any
+    q_pos0 = *a.pos;
+    if ((q_pos0 + 1) % g != 0) return;
+    group_begin = out_row0 = (q_pos0 + 1) / g - 1;
+  }
   const int p = int(item % a.Hc);
   const int64_t il = (item / a.Hc) % a.count;
   const int b = int(item / (int64_t(a.Hc) * a.count));
-  const int64_t i = a.group_begin + il, g = a.group;
+  const int64_t i = group_begin + il;
   const int r = a.Hq / a.Hkv;
   // pool_heads = query (Hc = Hq): core head p pools with query head p alone.
   const bool per_query = a.Hc == a.Hq && r > 1;
@@ -81,7 +89,7 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
   } else {
     float* sq = s_q + warp * nh * D;
     if (a.mode == PoolMode::cca) {
-      const int64_t qrow = (i + 1) * g - 1 - a.q_pos0;
+      const int64_t qrow = (i + 1) * g - 1 - q_pos0;
       for (int x = lane; x < nh * kL; x += 32) {
         const int j = x / kL, c = (x % kL) * 8;
         float qf[8];
@@ -200,9 +208,10 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
       pk[t] = pack2<T>(acc_k[2 * t], acc_k[2 * t + 1]);
       pv[t] = pack2<T>(acc_v[2 * t], acc_v[2 * t + 1]);
     }
-    *reinterpret_cast<uint4*>(static_cast<T*>(a.kc) + b * a.kc_sb + il * a.kc_st + p * a.kc_sh +
+    const int64_t row = out_row0 + il;
+    *reinterpret_cast<uint4*>(static_cast<T*>(a.kc) + b * a.kc_sb + row * a.kc_st + p * a.kc_sh +
                               e) = ok;
-    *reinterpret_cast<uint4*>(static_cast<T*>(a.vc) + b * a.vc_sb + il * a.vc_st + p * a.vc_sh +
+    *reinterpret_cast<uint4*>(static_cast<T*>(a.vc) + b * a.vc_sb + row * a.vc_st + p * a.vc_sh +
                               e) = ov;
   }
 }
@@ -239,7 +248,8 @@ void launch_pool(const PoolProblem& p, cudaStream_t stream) {
   a.raw_pos0 = p.raw.pos0;
   a.group = p.variant.group;
   a.group_begin = p.group_begin;
-  a.count = p.group_end - p.group_begin;
+  a.count = p.pos_device ? 1 : p.group_end - p.group_begin;
+  a.pos = p.pos_device;
   a.mode = p.variant.pool;
   a.scale_log2 = p.scale * kLog2e;
   if (a.count <= 0) return;
