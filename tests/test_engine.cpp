@@ -172,7 +172,9 @@ TEST(EngineGpu, LogitsMatchTheCpuModel) {
   for (const char* arch : {"llama", "mistral", "qwen2"}) {
     for (const VariantSpec& v :
          {VariantSpec::full(), VariantSpec::cca(16, 64), VariantSpec::sliding(50),
-          VariantSpec::streaming(4, 50), VariantSpec::cca(8, 40, PoolMode::mean)}) {
+          VariantSpec::streaming(4, 50), VariantSpec::lminfinite(4, 50),
+          VariantSpec::cca(8, 40, PoolMode::mean), VariantSpec::cca(8, 40, PoolMode::max),
+          VariantSpec::cca(16, 48, PoolMode::cca, PoolHeads::query)}) {
       engine::Engine cpu(random_model(arch), options(DeviceChoice::cpu, v, 128));
       engine::Engine gpu(random_model(arch), options(DeviceChoice::cuda, v, 128));
       const double rel = test::relative_max_diff(test::run_logits(gpu, ids),
@@ -185,7 +187,8 @@ TEST(EngineGpu, LogitsMatchTheCpuModel) {
 
 // Decode steps replayed from a captured CUDA graph give the logits of eager steps, for every
 // cache kind (cca's window slides and moves every few steps with chunk 16, forcing re-captures;
-// streaming's sinks fill first), batches of 1 and 3 sequences; greedy replays return the argmax.
+// streaming's sinks fill first), batches of 1 and 3 sequences; greedy and sampled choices made
+// inside the graph equal the eager ones.
 TEST(EngineGpu, GraphReplayedDecodeMatchesEagerDecode) {
   const std::string why = backend_unavailable_reason(BackendKind::cuda);
   if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
@@ -208,24 +211,40 @@ TEST(EngineGpu, GraphReplayedDecodeMatchesEagerDecode) {
         pb.push_back(sb.back().get());
       }
       std::vector<float> la, lb;
-      int greedy_equal = 0;
-      for (int step = 0; step < 70; ++step) {
+      std::vector<int32_t> rows;
+      for (size_t i = 0; i < S; ++i) rows.push_back(int32_t(i));
+      const std::vector<model::SamplingParams> greedy(S);
+      std::vector<model::SamplingParams> sampled(S);
+      for (size_t i = 0; i < S; ++i) {
+        sampled[i].greedy = false;
+        sampled[i].temperature = 0.8;
+        sampled[i].top_k = 40;
+        sampled[i].top_p = 0.9;
+        sampled[i].seed = 7 + i;
+      }
+      int greedy_equal = 0, sampled_equal = 0;
+      for (int step = 0; step < 80; ++step) {
         std::vector<int32_t> toks;
         for (size_t i = 0; i < S; ++i) toks.push_back(int32_t((step * 13 + int(i) * 7) % 300));
-        if (step < 60) {
-          graphs.decode(pa, toks, false, &la);
-          eager.decode(pb, toks, false, &lb);
+        const auto& sp = step < 60 ? greedy : sampled;
+        const std::vector<int32_t> ia = graphs.decode(pa, toks, sp), ib = eager.decode(pb, toks, sp);
+        if (step < 50) {  // the logits of the step, recomputed from its hidden states
+          graphs.logits(rows, la);
+          eager.logits(rows, lb);
           EXPECT_LE(test::relative_max_diff(la, lb), tolerance(DeviceChoice::cuda))
               << v.describe() << " S " << S << " step " << step;
         } else {
-          greedy_equal += graphs.decode(pa, toks, true, nullptr) == eager.decode(pb, toks, true, nullptr);
+          (step < 60 ? greedy_equal : sampled_equal) += ia == ib;
         }
       }
       for (size_t i = 0; i < S; ++i) EXPECT_EQ(sa[i]->length(), sb[i]->length());
+      // Both engines choose on the device from logits within the tolerance: the same tokens
+      // but where two candidates are nearly tied.
       EXPECT_GE(greedy_equal, 8) << v.describe() << " S " << S;
+      EXPECT_GE(sampled_equal, 16) << v.describe() << " S " << S;
       EXPECT_GT(graphs.graph_replays(), 40) << v.describe() << " S " << S;
       EXPECT_EQ(eager.graph_replays(), 0);
-      // One capture for logits, one for the argmax; window moves add more.
+      // One capture for greedy steps, one for sampled ones; window moves add more.
       EXPECT_GE(graphs.graph_captures(), 2) << v.describe() << " S " << S;
       RecordProperty(std::string("captures_") + variant_name(v.kind) + std::to_string(S),
                      std::to_string(graphs.graph_captures()));

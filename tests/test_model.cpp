@@ -299,46 +299,6 @@ TEST(ModelKvMemory, FormulaMatchesTheCaches) {
 
 // ---- sampling ----------------------------------------------------------------------------------
 
-TEST(ModelSampler, GreedyTopKTopPAndSeeds) {
-  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 0.5f};
-  model::Sampler greedy(model::SamplingParams{});
-  EXPECT_EQ(greedy.next(logits), 1);
-  model::SamplingParams p;
-  p.greedy = false;
-  p.top_k = 1;
-  EXPECT_EQ(model::Sampler(p).next(logits), 1);
-  p.top_k = 0;
-  p.top_p = 0.01;
-  EXPECT_EQ(model::Sampler(p).next(logits), 1);
-  // top-k 2 only ever picks the two best.
-  p.top_p = 1.0;
-  p.top_k = 2;
-  p.seed = 3;
-  model::Sampler two(p);
-  for (int i = 0; i < 200; ++i) {
-    const int32_t t = two.next(logits);
-    EXPECT_TRUE(t == 1 || t == 3) << t;
-  }
-  // Same seed, same sequence; the frequencies follow softmax(logits / T).
-  p.top_k = 0;
-  p.temperature = 0.5;
-  model::Sampler a(p), b(p);
-  const std::vector<float> two_way = {0.f, float(0.5 * std::log(3.0))};  // p = 1/4, 3/4 at T = 0.5
-  int ones = 0;
-  const int draws = 20000;
-  for (int i = 0; i < draws; ++i) {
-    const int32_t x = a.next(two_way);
-    EXPECT_EQ(x, b.next(two_way));
-    ones += x;
-  }
-  EXPECT_NEAR(double(ones) / draws, 0.75, 0.015);
-  p.temperature = 0;
-  EXPECT_THROW(model::Sampler{p}, Error);
-  p.temperature = 1;
-  p.top_p = 1.5;
-  EXPECT_THROW(model::Sampler{p}, Error);
-}
-
 TEST(ModelRunner, PromptLimitAndTokenIds) {
   const model::ModelConfig cfg = model::load_model_config(test::model_fixture_dir("llama"));
   EXPECT_NO_THROW(engine::check_prompt_length(256, 256, cfg));

@@ -88,7 +88,9 @@ DevicePlan plan_device(const EngineOptions& opt, const model::ModelConfig& cfg,
     p.kv_dtype = opt.kv_dtype.value_or(p.dtype);
     return p;
   }
-  if (opt.device == DeviceChoice::automatic) p.note = "running on the CPU: " + why_not;
+  // A machine without a GPU needs no explanation; one whose GPU this model cannot use does.
+  if (opt.device == DeviceChoice::automatic && backend_unavailable_reason(BackendKind::cuda).empty())
+    p.note = "running on the CPU: " + why_not;
   check(opt.device != DeviceChoice::cpu || !want || *want == DType::f32,
         std::string("the CPU runs float32 weights; --dtype ") + dtype_name(*want) +
             " is for --device cuda");
@@ -240,38 +242,76 @@ void Engine::run_step(std::span<Sequence* const> seqs, std::span<const TokenIds*
   step_rows_ = n;
 }
 
+namespace {
+bool all_greedy(std::span<const model::SamplingParams> sp) {
+  return std::all_of(sp.begin(), sp.end(), [](const model::SamplingParams& p) { return p.greedy; });
+}
+}  // namespace
+
+void Engine::queue_choice(int64_t m, std::span<const model::SamplingParams> sp,
+                          const int32_t* counters_device) {
+  const TensorView lg = acts_->logits.slice(0, 0, m);
+  if (all_greedy(sp)) {
+    ops::argmax_rows(*ctx_, lg, acts_->sel);
+  } else {
+    for (int64_t r = 0; r < m; ++r) acts_->host_params[r] = sp[size_t(r)].op_params();
+    ctx_->upload(acts_->sample_params, acts_->host_params,
+                 m * int64_t(sizeof(ops::SampleParams)));
+    ops::sample_rows(*ctx_, lg, acts_->sample_params, counters_device, acts_->sel);
+  }
+  ctx_->download_async(acts_->host_next, acts_->sel, m * 4);
+}
+
+std::vector<int32_t> Engine::choose(std::span<const int32_t> rows,
+                                    std::span<const model::SamplingParams> sp,
+                                    std::span<const int32_t> counters) {
+  const int64_t m = int64_t(rows.size());
+  check(sp.size() == rows.size() && counters.size() == rows.size(),
+        "choose: one sampling setting and counter per row");
+  for (int32_t r : rows) check(r >= 0 && r < step_rows_, "a row the step did not run");
+  acts_->set_logit_rows(rows.data(), m);
+  model::compute_logits(*acts_, m);
+  std::copy(counters.begin(), counters.end(), acts_->host_counters);
+  ctx_->upload(acts_->sample_counters, acts_->host_counters, m * 4);
+  queue_choice(m, sp, acts_->sample_counters);
+  ctx_->synchronize();
+  return std::vector<int32_t>(acts_->host_next, acts_->host_next + m);
+}
+
 std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
-                                    std::span<const int32_t> tokens, bool greedy,
-                                    std::vector<float>* logits_out) {
-  check(seqs.size() == tokens.size() && !seqs.empty(), "decode: one token per sequence");
-  const int64_t S = int64_t(seqs.size()), V = config().vocab_size;
-  std::vector<int32_t> rows(static_cast<size_t>(S));
-  for (int64_t i = 0; i < S; ++i) rows[size_t(i)] = int32_t(i);
+                                    std::span<const int32_t> tokens,
+                                    std::span<const model::SamplingParams> sampling) {
+  check(seqs.size() == tokens.size() && seqs.size() == sampling.size() && !seqs.empty(),
+        "decode: one token and one sampling setting per sequence");
+  const int64_t S = int64_t(seqs.size());
+  std::vector<int32_t> rows(static_cast<size_t>(S)), pos(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) {
+    rows[size_t(i)] = int32_t(i);
+    pos[size_t(i)] = int32_t(seqs[size_t(i)]->length_);
+  }
   bool replayable = device() == Device::cuda && opt_.cuda_graphs;
   for (Sequence* s : seqs)
     for (const KvCache& c : s->caches_) replayable = replayable && c.next_step_replayable();
   const std::vector<Sequence*> batch(seqs.begin(), seqs.end());
-  std::vector<int32_t> next;
-
-  if (!replayable) {  // eager
-    drop_graph();
-    std::vector<TokenIds> tok(static_cast<size_t>(S));
-    std::vector<const TokenIds*> tp;
-    for (int64_t i = 0; i < S; ++i) {
-      tok[size_t(i)] = {tokens[size_t(i)]};
-      tp.push_back(&tok[size_t(i)]);
-    }
-    step(seqs, tp);
-    if (greedy) return argmax(rows);
-    logits(rows, *logits_out);
-    return {};
+  const bool greedy = all_greedy(sampling);
+  std::vector<TokenIds> tok(static_cast<size_t>(S));
+  std::vector<const TokenIds*> tp;
+  for (int64_t i = 0; i < S; ++i) {
+    tok[size_t(i)] = {tokens[size_t(i)]};
+    tp.push_back(&tok[size_t(i)]);
   }
 
-  std::vector<int32_t> pos(static_cast<size_t>(S));
-  for (int64_t i = 0; i < S; ++i) pos[size_t(i)] = int32_t(seqs[size_t(i)]->length_);
+  if (!replayable) {  // eager; each row's draw is counted by the position of its token
+    drop_graph();
+    step(seqs, tp);
+    return choose(rows, sampling, pos);
+  }
   if (graph_.exec && graph_.seqs == batch && graph_.greedy == greedy) {
-    // Replay: new ids and positions into the pinned staging the graph copies from.
+    // Replay: new ids, positions and sampling settings into the pinned staging the graph's
+    // copies read.
     acts_->stage_tokens(tokens.data(), pos.data(), S);
+    if (!greedy)
+      for (int64_t r = 0; r < S; ++r) acts_->host_params[r] = sampling[size_t(r)].op_params();
     ctx_->launch_graph(graph_.exec);
     for (Sequence* s : seqs) {
       for (KvCache& c : s->caches_) c.advance_replayed();
@@ -284,23 +324,12 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
     // A batch is captured the second time in a row it decodes: the first step runs eagerly
     // and so warms every lazily initialised kernel attribute and GEMM plan of its shapes.
     const bool capture = last_decode_ == batch;
-    std::vector<TokenIds> tok(static_cast<size_t>(S));
-    std::vector<const TokenIds*> tp;
-    for (int64_t i = 0; i < S; ++i) {
-      tok[size_t(i)] = {tokens[size_t(i)]};
-      tp.push_back(&tok[size_t(i)]);
-    }
     if (capture) ctx_->begin_capture();
     try {
       run_step(seqs, tp, /*device_positions=*/true);
       acts_->set_logit_rows(rows.data(), S);
       model::compute_logits(*acts_, S);
-      if (greedy) {
-        ops::argmax_rows(*ctx_, acts_->logits.slice(0, 0, S), acts_->sel);
-        ctx_->download_async(acts_->host_next, acts_->sel, S * 4);
-      } else {
-        ctx_->download_async(acts_->host_logits, acts_->logits.data, S * V * 4);
-      }
+      queue_choice(S, sampling, acts_->positions);  // the counters: each row's position
     } catch (...) {
       // A failed capture leaves the caches' bookkeeping a step ahead of their contents.
       if (capture) ctx_->abort_capture();
@@ -315,9 +344,7 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
   }
   ctx_->synchronize();
   note_peak_memory();
-  if (greedy) return std::vector<int32_t>(acts_->host_next, acts_->host_next + S);
-  logits_out->assign(acts_->host_logits, acts_->host_logits + S * V);
-  return {};
+  return std::vector<int32_t>(acts_->host_next, acts_->host_next + S);
 }
 
 void Engine::logits(std::span<const int32_t> rows, std::vector<float>& out) {
@@ -329,19 +356,7 @@ void Engine::logits(std::span<const int32_t> rows, std::vector<float>& out) {
   ctx_->download(out.data(), acts_->logits.data, m * V * 4);
 }
 
-std::vector<int32_t> Engine::argmax(std::span<const int32_t> rows) {
-  const int64_t m = int64_t(rows.size());
-  for (int32_t r : rows) check(r >= 0 && r < step_rows_, "argmax of a row the step did not run");
-  acts_->set_logit_rows(rows.data(), m);
-  model::compute_logits(*acts_, m);
-  // The ids land in the (now free) row-index buffer's host twin: one small download.
-  std::vector<int32_t> ids(static_cast<size_t>(m));
-  ops::argmax_rows(*ctx_, acts_->logits.slice(0, 0, m), acts_->sel);
-  ctx_->download(ids.data(), acts_->sel, m * 4);
-  return ids;
-}
-
-int32_t Engine::prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* last_logits,
+int32_t Engine::prefill(Sequence& seq, const TokenIds& ids, const model::SamplingParams& sampling,
                         const std::function<void(int64_t)>& progress) {
   check(!ids.empty(), "the prompt is empty: nothing to continue");
   const int64_t n = int64_t(ids.size());
@@ -354,12 +369,8 @@ int32_t Engine::prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* 
     step(std::span(&s, 1), std::span(&t, 1));
     if (progress) progress(r0 + rows);
   }
-  const int32_t last = int32_t(step_rows_ - 1);
-  if (last_logits) {
-    logits(std::span(&last, 1), *last_logits);
-    return model::argmax(*last_logits);
-  }
-  return argmax(std::span(&last, 1)).front();
+  const int32_t last = int32_t(step_rows_ - 1), counter = int32_t(seq.length_ - 1);
+  return choose(std::span(&last, 1), std::span(&sampling, 1), std::span(&counter, 1)).front();
 }
 
 std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> requests,
@@ -369,18 +380,16 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
   const size_t S = requests.size();
   std::vector<GenerateResult> res(S);
   std::vector<std::unique_ptr<Sequence>> seqs(S);
-  std::vector<model::Sampler> samplers;
   int64_t total_prompt = 0, done_prompt = 0;
   for (const GenerateRequest& r : requests) {
     check(!r.prompt.empty(), "the prompt is empty: nothing to continue");
     check(r.max_new_tokens >= 0, "max new tokens must be >= 0");
+    r.sampling.validate();
     total_prompt += int64_t(r.prompt.size());
   }
-  for (const GenerateRequest& r : requests) samplers.emplace_back(r.sampling);
 
   std::vector<bool> active(S, false);
   std::vector<int32_t> last(S, 0);
-  std::vector<float> buf;
   // Takes `id` as sequence i's next token; false when the sequence stops with it.
   auto emit = [&](size_t i, int32_t id) {
     res[i].tokens.push_back(id);
@@ -412,20 +421,20 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
     int64_t cap = res[i].prompt_tokens + std::max<int64_t>(r.max_new_tokens, 1);
     if (max_context > 0) cap = std::min(cap, std::max(max_context, res[i].prompt_tokens));
     seqs[i] = new_sequence(cap);
-    const bool greedy = r.sampling.greedy;
-    const int32_t g = prefill(*seqs[i], r.prompt, greedy ? nullptr : &buf, [&](int64_t d) {
+    const int32_t first = prefill(*seqs[i], r.prompt, r.sampling, [&](int64_t d) {
       if (cb.prefill_progress) cb.prefill_progress(done_prompt + d, total_prompt);
     });
     done_prompt += res[i].prompt_tokens;
     if (r.max_new_tokens == 0 || !room(i)) continue;
-    last[i] = greedy ? g : samplers[i].next(buf);
+    last[i] = first;
     res[i].ttft_s = now_s() - t0;
-    active[i] = emit(i, last[i]);
+    active[i] = emit(i, first);
   }
 
   const double d0 = now_s();
   std::vector<Sequence*> batch;
   std::vector<int32_t> step_ids;
+  std::vector<model::SamplingParams> step_sampling;
   std::vector<size_t> who;
   while (true) {
     who.clear();
@@ -437,20 +446,14 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
       const size_t nb = std::min(who.size() - b0, size_t(opt_.max_batch));
       batch.clear();
       step_ids.clear();
-      bool all_greedy = true;
+      step_sampling.clear();
       for (size_t j = 0; j < nb; ++j) {
         const size_t i = who[b0 + j];
         batch.push_back(seqs[i].get());
         step_ids.push_back(last[i]);
-        all_greedy = all_greedy && requests[i].sampling.greedy;
+        step_sampling.push_back(requests[i].sampling);
       }
-      std::vector<int32_t> next = decode(batch, step_ids, all_greedy, &buf);
-      if (!all_greedy) {
-        const int64_t V = config().vocab_size;
-        for (size_t j = 0; j < nb; ++j)
-          next.push_back(samplers[who[b0 + j]].next(
-              std::span<const float>(buf.data() + int64_t(j) * V, size_t(V))));
-      }
+      const std::vector<int32_t> next = decode(batch, step_ids, step_sampling);
       for (size_t j = 0; j < nb; ++j) {
         const size_t i = who[b0 + j];
         ++res[i].decode_steps;

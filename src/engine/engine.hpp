@@ -43,7 +43,7 @@ struct DevicePlan {
   Device device = Device::cpu;
   DType dtype = DType::f32;     // weights and activations
   DType kv_dtype = DType::f32;  // the caches
-  std::string note;             // why --device auto chose the CPU ("" otherwise)
+  std::string note;  // why --device auto chose the CPU over a usable GPU ("" otherwise)
 };
 
 // The rules: --device cpu runs float32 (caches in kv_dtype, default float32). --device cuda
@@ -147,22 +147,24 @@ class Engine {
   void step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens);
   // After a step: float32 logits [rows.size(), V] of step rows `rows`, to the host.
   void logits(std::span<const int32_t> rows, std::vector<float>& out);
-  // After a step: the argmax id of each of step rows `rows` (computed on the device).
-  std::vector<int32_t> argmax(std::span<const int32_t> rows);
+  // After a step: the next token of each of step rows `rows`, chosen on the device (argmax, or
+  // ops::sample_rows with `sampling` and draw counters `counters`: the rows' positions).
+  std::vector<int32_t> choose(std::span<const int32_t> rows,
+                              std::span<const model::SamplingParams> sampling,
+                              std::span<const int32_t> counters);
 
-  // One decode step: seqs[i] takes tokens[i]; returns the greedy next id of each (`greedy`) or
-  // leaves the float32 logits [seqs, V] in `logits`. On the GPU (cuda_graphs) the whole step —
-  // every layer, the logits and the argmax — is captured in a CUDA graph the first time a
-  // batch of sequences repeats, and replayed while the batch stays the same and no cache's
-  // window moves; otherwise it runs as step().
+  // One decode step: seqs[i] takes tokens[i]; returns the next token of each, chosen with
+  // sampling[i] (the draw counted by the token's position). On the GPU (cuda_graphs) the whole
+  // step — every layer, the logits and the choice — is captured in a CUDA graph the second time
+  // in a row a batch decodes, and replayed while the batch (and whether it is all greedy) stays
+  // the same and no cache's window moves; otherwise it runs as step() then choose().
   std::vector<int32_t> decode(std::span<Sequence* const> seqs, std::span<const int32_t> tokens,
-                              bool greedy, std::vector<float>* logits);
+                              std::span<const model::SamplingParams> sampling);
   int64_t graph_replays() const { return graph_replays_; }  // decode steps run from a graph
   int64_t graph_captures() const { return graph_captures_; }
 
-  // Runs `ids` into `seq` in chunks; after the last chunk, the float32 logits of its last token
-  // are in `last_logits` (when given) and the greedy id is returned.
-  int32_t prefill(Sequence& seq, const TokenIds& ids, std::vector<float>* last_logits,
+  // Runs `ids` into `seq` in chunks and returns the token chosen after the last one.
+  int32_t prefill(Sequence& seq, const TokenIds& ids, const model::SamplingParams& sampling,
                   const std::function<void(int64_t)>& progress = {});
 
   // Prefills each request's prompt, then decodes all of them together, one token per sequence
@@ -200,6 +202,9 @@ class Engine {
   void note_peak_memory();
   void run_step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens,
                 bool device_positions);
+  // Queues the choice for logits rows [0, m) into acts_->sel and its download to host_next.
+  void queue_choice(int64_t m, std::span<const model::SamplingParams> sampling,
+                    const int32_t* counters_device);
   std::vector<int32_t> ids_, pos_;
   std::vector<model::StepSlice> slices_;
 };

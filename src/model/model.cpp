@@ -56,6 +56,7 @@ int64_t Activations::bytes(const ModelConfig& c, DType dt, int64_t R, int64_t L,
   if (kv != dt) b += R * (qkv + qd) * dtype_size(kv);
   b += L * c.hidden_size * (4 + dtype_size(dt)) + L * c.vocab_size * 4;
   b += decode_workspace_bytes(L, c.num_heads, c.head_dim);
+  b += L * int64_t(sizeof(ops::SampleParams) + 4);
   return b + 4 * (2 * R + L) + 16 * 256;  // ids, positions, rows; alignment
 }
 
@@ -91,6 +92,10 @@ Activations::Activations(const Model& m, int64_t R, int64_t L, DType kv)
     }
     mem_.push_back(ctx.alloc(L * 4, "logits rows"));
     sel = static_cast<int32_t*>(mem_.back());
+    mem_.push_back(ctx.alloc(L * int64_t(sizeof(ops::SampleParams)), "sampling parameters"));
+    sample_params = static_cast<ops::SampleParams*>(mem_.back());
+    mem_.push_back(ctx.alloc(L * 4, "sampling counters"));
+    sample_counters = static_cast<int32_t*>(mem_.back());
     // Decode steps of up to L sequences attend with this scratch (fixed: graphs replay it).
     attn_workspace_bytes = decode_workspace_bytes(L, c.num_heads, c.head_dim);
     if (attn_workspace_bytes > 0) {
@@ -106,6 +111,8 @@ Activations::Activations(const Model& m, int64_t R, int64_t L, DType kv)
     host_sel = static_cast<int32_t*>(host(L * 4));
     host_next = static_cast<int32_t*>(host(L * 4));
     host_logits = static_cast<float*>(host(L * c.vocab_size * 4));
+    host_params = static_cast<ops::SampleParams*>(host(L * int64_t(sizeof(ops::SampleParams))));
+    host_counters = static_cast<int32_t*>(host(L * 4));
   } catch (...) {
     for (void* p : mem_) ctx.free(p);
     for (void* p : host_mem_) ctx.free_host(p);

@@ -80,6 +80,11 @@ class Activations {
   // logits [logit_rows, V].
   int32_t *host_ids = nullptr, *host_pos = nullptr, *host_sel = nullptr, *host_next = nullptr;
   float* host_logits = nullptr;
+  // Sampling of the logits rows: per-row parameters and draw counters, on the device and staged.
+  ops::SampleParams* sample_params = nullptr;
+  int32_t* sample_counters = nullptr;
+  ops::SampleParams* host_params = nullptr;
+  int32_t* host_counters = nullptr;
 
  private:
   const Model* m_;

@@ -1,10 +1,12 @@
-// Next-token choice from logits: greedy (argmax), or sampling with temperature, top-k and top-p
-// (nucleus), in that order, as Hugging Face's generate applies them; seeded for reproducibility.
+// Next-token choice: greedy (argmax), or sampling with temperature, top-k and top-p (nucleus), in
+// that order, as Hugging Face's generate applies them, seeded for reproducibility. The draw itself
+// is the op ops::sample_rows (on the model's device); this header holds the user-facing
+// parameters and their translation.
 #pragma once
 #include <cstdint>
-#include <random>
 #include <span>
-#include <vector>
+
+#include "ops/sample_math.hpp"
 
 namespace cca::model {
 
@@ -15,18 +17,8 @@ struct SamplingParams {
   double top_p = 1.0;        // in (0, 1]; 1 = off
   uint64_t seed = 0;
   void validate() const;  // cca::Error naming a bad value
-};
-
-class Sampler {
- public:
-  explicit Sampler(const SamplingParams& p);
-  int32_t next(std::span<const float> logits);
-  const SamplingParams& params() const { return p_; }
-
- private:
-  SamplingParams p_;
-  std::mt19937_64 rng_;
-  std::vector<std::pair<float, int32_t>> cand_;
+  // The op's per-row parameters (greedy: top_k = 1).
+  ops::SampleParams op_params() const;
 };
 
 // Index of the largest logit (the lowest index among equals, as torch.argmax).

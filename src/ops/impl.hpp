@@ -33,6 +33,8 @@ void embed(const Context& ctx, const int32_t* ids, const TensorView& table, cons
 void gather_rows(const Context& ctx, const TensorView& src, const int32_t* rows,
                  const TensorView& dst);
 void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out);
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out);
 void convert(const Context& ctx, const TensorView& src, const TensorView& dst);
 void set_threads(int threads);  // the OpenMP team of the cpu ops (and the attention backend)
 int resolve_threads(int threads);  // 0 -> OMP_NUM_THREADS, else all cores
@@ -52,6 +54,8 @@ void embed(const Context& ctx, const int32_t* ids, const TensorView& table, cons
 void gather_rows(const Context& ctx, const TensorView& src, const int32_t* rows,
                  const TensorView& dst);
 void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out);
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out);
 void convert(const Context& ctx, const TensorView& src, const TensorView& dst);
 Context make_context();  // Context::cuda()
 void release(void* stream, void* blas, void* workspace) noexcept;

@@ -345,6 +345,21 @@ void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out) {
   cpu::argmax_rows(ctx, logits, out);
 }
 
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out) {
+  check_matrix(logits, "sample_rows", "logits", ctx.device());
+  check(logits.dtype == DType::f32, "sample_rows: logits must be float32");
+  check(logits.shape[1] <= INT32_MAX, "sample_rows: too many columns");
+  if (logits.shape[0] == 0) return;
+  check(params && counters && out, "sample_rows: params, counters and out are needed");
+  if (on_cuda(ctx)) {
+#ifdef CCA_WITH_CUDA
+    return cuda::sample_rows(ctx, logits, params, counters, out);
+#endif
+  }
+  cpu::sample_rows(ctx, logits, params, counters, out);
+}
+
 void convert(const Context& ctx, const TensorView& src, const TensorView& dst) {
   check_matrix(src, "convert", "src", ctx.device());
   check_matrix(dst, "convert", "dst", ctx.device());

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cca/tensor.hpp"
+#include "ops/sample_math.hpp"
 
 namespace cca::ops {
 
@@ -123,6 +124,16 @@ void gather_rows(const Context& ctx, const TensorView& src, const int32_t* rows,
 // equals, as torch.argmax; unlike torch, NaN counts as smaller than every number (0 for a row of
 // NaN).
 void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out);
+
+// out[r] = a token drawn from row r of float32 logits [m, V] with params[r] (sample_math.hpp):
+// z = logits / temperature; keep the top_k largest z (0: all; ties at the k-th value all kept),
+// then the smallest set of the largest with probability mass >= top_p of what is kept (ties
+// likewise); draw u = uniform01(seed, counters[r]) and take, in index order, the first kept token
+// whose cumulative probability exceeds u (top_k = 1 is greedy). `params` and `counters` (the
+// position of the token being continued: a (seed, position) pair always draws the same u) live
+// in the context's device memory.
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out);
 
 // dst = src elementwise with dtype conversion, two [n, C] views.
 void convert(const Context& ctx, const TensorView& src, const TensorView& dst);

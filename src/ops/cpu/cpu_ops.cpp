@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cca/error.hpp"
 #include "ops/impl.hpp"
@@ -186,6 +187,71 @@ void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out) {
     for (int64_t v = 1; v < V; ++v)
       if (row[v] > row[best] || (std::isnan(row[best]) && !std::isnan(row[v]))) best = v;
     out[r] = int32_t(best);
+  }
+}
+
+// The largest key t with sum over keys >= t of weight(i) >= need (weights >= 0), by bisection
+// over the 32-bit key space: the threshold of top-k (weights 1) and top-p (probabilities).
+template <class Weight>
+uint32_t threshold_key(const std::vector<uint32_t>& keys, Weight weight, double need) {
+  uint32_t lo = 0, hi = 0xFFFFFFFFu;
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2 + 1;
+    double sum = 0;
+    for (size_t i = 0; i < keys.size(); ++i)
+      if (keys[i] >= mid) sum += weight(i);
+    if (sum >= need)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out) {
+  const int64_t V = logits.shape[1];
+  std::vector<uint32_t> keys(static_cast<size_t>(V));
+  std::vector<double> e(static_cast<size_t>(V));
+  for (int64_t r = 0; r < logits.shape[0]; ++r) {
+    const SampleParams p = params[r];
+    const float* row = f32(logits) + r * logits.stride[0];
+    float m = -INFINITY;
+    for (int64_t i = 0; i < V; ++i) {
+      const float z = row[i] / p.temperature;
+      keys[size_t(i)] = order_key(z);
+      m = std::max(m, z);
+    }
+    const uint32_t tk = p.top_k > 0 && p.top_k < V
+                            ? threshold_key(keys, [](size_t) { return 1.0; }, double(p.top_k))
+                            : 0;
+    double total = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      e[size_t(i)] =
+          keys[size_t(i)] >= tk ? std::exp(double(row[i] / p.temperature) - double(m)) : 0.0;
+      total += e[size_t(i)];
+    }
+    const uint32_t tp =
+        p.top_p < 1.f
+            ? threshold_key(keys, [&](size_t i) { return e[i]; }, double(p.top_p) * total)
+            : 0;
+    const uint32_t t = std::max(tk, tp);
+    double kept = 0;
+    int64_t last = 0;
+    for (int64_t i = 0; i < V; ++i)
+      if (keys[size_t(i)] >= t) kept += e[size_t(i)], last = i;
+    const double target = uniform01(p.seed, counters[r]) * kept;
+    double acc = 0;
+    int64_t pick = last;
+    for (int64_t i = 0; i < V; ++i) {
+      if (keys[size_t(i)] < t) continue;
+      acc += e[size_t(i)];
+      if (acc > target) {
+        pick = i;
+        break;
+      }
+    }
+    out[r] = int32_t(pick);
   }
 }
 

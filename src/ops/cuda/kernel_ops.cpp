@@ -85,6 +85,11 @@ void gather_rows(const Context& ctx, const TensorView& src, const int32_t* rows,
   launch_gather_rows(src, rows, dst, stream_of(ctx));
 }
 
+void sample_rows(const Context& ctx, const TensorView& logits, const SampleParams* params,
+                 const int32_t* counters, int32_t* out) {
+  launch_sample_rows(logits, params, counters, out, stream_of(ctx));
+}
+
 void argmax_rows(const Context& ctx, const TensorView& logits, int32_t* out) {
   const char* op = "argmax_rows";
   check_matrix(logits, op, "logits");

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cca/tensor.hpp"
+#include "ops/sample_math.hpp"
 
 namespace cca::ops::cuda {
 
@@ -28,6 +29,9 @@ void launch_gather_rows(const TensorView& src, const int32_t* rows, const Tensor
                         cudaStream_t stream);
 // out[r] = argmax of logits row r (float32 [m, V]).
 void launch_argmax_rows(const TensorView& logits, int32_t* out, cudaStream_t stream);
+// out[r] = a draw from logits row r (float32 [m, V]) with params[r] (ops::sample_rows).
+void launch_sample_rows(const TensorView& logits, const SampleParams* params,
+                        const int32_t* counters, int32_t* out, cudaStream_t stream);
 // dst [n, C] = src [n, C] with dtype conversion.
 void launch_convert(const TensorView& src, const TensorView& dst, cudaStream_t stream);
 // y [n, C] += b [C] (b contiguous, any dtype), in float32, rounded once to y's dtype.
