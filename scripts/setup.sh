@@ -7,8 +7,7 @@ packages=(
   build-essential cmake g++ pkg-config   # compiler and build system
   googletest libgtest-dev                # tests
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
-  libopenblas-dev libomp-dev libpcre2-dev  # CPU backend, model runtime, tokenizer
-  libbenchmark-dev                       # micro-benchmarks
+  libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
 )
 
 missing=()

@@ -159,6 +159,8 @@ void run_bench_model(const BenchModelArgs& a) {
                                              a.dtype,
                                              "--kv-dtype",
                                              a.kv_dtype};
+      std::fprintf(stderr, "bench model: %s, run %lld of %lld\n", v.c_str(), (long long)rep + 1,
+                   (long long)a.repeat);
       ChildResult r = run_child(args, (tmp / ("stderr-" + v + ".txt")).string());
       r.stats["max_rss_bytes"] = int64_t(r.max_rss_kib) * 1024;
       runs[i].push_back(r.stats);
