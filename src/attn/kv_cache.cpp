@@ -169,6 +169,27 @@ struct KvCache::Impl {
                                         (be->device() == Device::cuda ? "GPU" : "host") + " memory");
   }
 
+  // The attention of queries q at positions n.. over core rows [0, core_rows), sink rows
+  // [0, sink_rows) and the raw segment `local`.
+  AttendProblem attend_problem(const TensorView& q, const TensorView& out, const TensorView& lse,
+                               int64_t core_rows, int64_t sink_rows, const KvSegment& local) const {
+    AttendProblem a;
+    a.q = q;
+    a.q_pos0 = n;
+    if (core_rows > 0) a.core = KvSegment{core_k.rows(0, core_rows), core_v.rows(0, core_rows), 0};
+    if (sink_rows > 0) a.sink = KvSegment{sink_k.rows(0, sink_rows), sink_v.rows(0, sink_rows), 0};
+    a.local = local;
+    a.out = out;
+    a.lse = lse;
+    a.variant = variant;
+    a.scale = variant.scale_for(D);
+    a.threads = run.threads;
+    a.stream = run.stream;
+    a.workspace = run.workspace;
+    a.workspace_bytes = run.workspace_bytes;
+    return a;
+  }
+
   // An append split in two around its attention, so that several caches can attend in one
   // batched backend call: prepare() stores and pools the chunk and returns the attention to run;
   // commit() then advances the cache. Until commit() the cache's visible state is unchanged.
@@ -223,20 +244,7 @@ struct KvCache::Impl {
     }
 
     // 3. The attention over the three stores, run by the caller.
-    AttendProblem a;
-    a.q = q;
-    a.q_pos0 = n;
-    if (core_end > 0) a.core = KvSegment{core_k.rows(0, core_end), core_v.rows(0, core_end), 0};
-    if (sink_end > 0) a.sink = KvSegment{sink_k.rows(0, sink_end), sink_v.rows(0, sink_end), 0};
-    a.local = raw;
-    a.out = out;
-    a.lse = lse;
-    a.variant = variant;
-    a.scale = scale;
-    a.threads = run.threads;
-    a.stream = run.stream;
-    a.workspace = run.workspace;
-    a.workspace_bytes = run.workspace_bytes;
+    const AttendProblem a = attend_problem(q, out, lse, core_end, sink_end, raw);
     return Pending{a, c, core_end, sink_end};
   }
 
@@ -276,19 +284,8 @@ struct KvCache::Impl {
       pp.pos_device = pos;
       be->pool(pp);
     }
-    AttendProblem a;
-    a.q = q;
-    a.q_pos0 = n;
+    AttendProblem a = attend_problem(q, out, {}, core_rows, n_sink, raw);
     a.q_pos_device = pos;
-    if (core_rows > 0) a.core = KvSegment{core_k.rows(0, core_rows), core_v.rows(0, core_rows), 0};
-    if (n_sink > 0) a.sink = KvSegment{sink_k.rows(0, n_sink), sink_v.rows(0, n_sink), 0};
-    a.local = raw;
-    a.out = out;
-    a.variant = variant;
-    a.scale = scale;
-    a.stream = run.stream;
-    a.workspace = run.workspace;
-    a.workspace_bytes = run.workspace_bytes;
     return Pending{a, 1, core_end, n_sink};
   }
 
