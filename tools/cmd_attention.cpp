@@ -17,7 +17,9 @@
 #include "cca/cca.hpp"
 #include "cca/device.hpp"
 #include "commands.hpp"
+#include "flag_limits.hpp"
 #include "npy.hpp"
+#include "output_path.hpp"
 #include "variant_flags.hpp"
 
 namespace cca {
@@ -120,17 +122,15 @@ void run_attention(const AttentionArgs& a) {
   if (!a.scale.empty()) spec.scale = parse_scale(a.scale);
   spec.validate();
   const int64_t chunk = parse_mode(a.mode);
-  check(a.threads >= 0,
-        "invalid --threads " + std::to_string(a.threads) + ": must be >= 0 (0 = all)");
+  check_threads_flag(a.threads);
   RunOptions run;
   run.backend = parse_backend(a.backend);
   run.threads = a.threads;
 
   check_output_dir(a.out);
-  if (!a.lse.empty()) {
-    check_output_dir(a.lse);
-    check(a.lse != a.out, "--out and --lse name the same file '" + a.out + "'");
-  }
+  if (!a.lse.empty()) check_output_dir(a.lse);
+  check_outputs_distinct({{"--q", a.q}, {"--k", a.k}, {"--v", a.v}},
+                         {{"--out", a.out}, {"--lse", a.lse}});
 
   NpyArray q = read_input(a.q, "q"), k = read_input(a.k, "k"), v = read_input(a.v, "v");
   const TensorView qv = q.view(), kv = k.view(), vv = v.view();

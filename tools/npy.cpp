@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "cca/error.hpp"
+#include "model/untrusted.hpp"
 
 namespace cca {
 
@@ -60,7 +61,7 @@ class HeaderParser {
         r.shape = parse_shape();
         have_shape = true;
       } else {
-        fail("unexpected header key '" + key + "'");
+        fail("unexpected header key '" + model::excerpt(key) + "'");
       }
       skip_ws();
       if (peek() == ',') {
@@ -81,7 +82,7 @@ class HeaderParser {
  private:
   [[noreturn]] void fail(const std::string& what) const {
     std::ostringstream m;
-    m << name_ << ": bad .npy header: " << what << " (header: " << std::string(s_) << ")";
+    m << name_ << ": bad .npy header: " << what << " (header: " << model::excerpt(s_, 200) << ")";
     throw Error(m.str());
   }
   char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
@@ -199,6 +200,14 @@ NpyArray make_npy_array(DType dtype, std::vector<int64_t> shape) {
   a.shape = std::move(shape);
   int64_t bytes = byte_count(a.shape, dtype_size(dtype));
   check(bytes >= 0, "array of shape " + a.shape_string() + " is too large");
+  // A command holds an array and its file bytes at once: more than half the memory would end
+  // with the process killed, not with an error.
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0)
+    check(bytes <= int64_t(pages) * page / 2,
+          "array of shape " + a.shape_string() + " needs " + std::to_string(bytes) +
+              " bytes, more than half of this machine's memory (" +
+              std::to_string(int64_t(pages) * page) + " bytes)");
   a.data.assign(size_t(bytes), std::byte{0});
   return a;
 }
@@ -232,7 +241,7 @@ NpyArray parse_npy(std::span<const std::byte> bytes, const std::string& name) {
   } else if (h.descr == "<f2") {
     a.dtype = DType::f16;
   } else {
-    throw Error(name + ": unsupported dtype '" + h.descr +
+    throw Error(name + ": unsupported dtype '" + model::excerpt(h.descr) +
                 "' (expected float32 '<f4' or float16 '<f2', little-endian)");
   }
   if (h.fortran_order)
@@ -256,19 +265,9 @@ NpyArray parse_npy(std::span<const std::byte> bytes, const std::string& name) {
 }
 
 NpyArray read_npy(const std::string& path) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec))
-    throw Error("cannot read '" + path + "': it is a directory");
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw Error("cannot open '" + path + "': " + errno_text());
-  std::vector<std::byte> bytes;
-  std::byte buf[1 << 16];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
-  const bool failed = std::ferror(f);
-  std::fclose(f);
-  if (failed) throw Error("cannot read '" + path + "': " + errno_text());
-  return parse_npy(bytes, path);
+  // Only regular files: a FIFO or a device (/dev/zero) could block or never end.
+  const std::string bytes = model::read_text_file(path, ".npy file", INT64_MAX);
+  return parse_npy(std::as_bytes(std::span(bytes.data(), bytes.size())), path);
 }
 
 std::vector<std::byte> encode_npy(const TensorView& t) {

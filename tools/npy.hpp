@@ -24,7 +24,8 @@ struct NpyArray {
   TensorView view();
 };
 
-// An array of `shape` filled with zeros.
+// An array of `shape` filled with zeros; cca::Error when it would need more than half of the
+// machine's memory.
 NpyArray make_npy_array(DType dtype, std::vector<int64_t> shape);
 
 // Parse the bytes of a .npy file; `name` labels errors (usually the path).

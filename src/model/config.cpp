@@ -1,7 +1,7 @@
 #include "model/config.hpp"
 
+#include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -12,6 +12,8 @@ namespace {
 
 using Json = nlohmann::json;
 namespace fs = std::filesystem;
+
+constexpr int64_t kMaxPositions = int64_t(1) << 30;
 
 // Typed field access with messages that name the file and the key.
 class Fields {
@@ -27,31 +29,36 @@ class Fields {
   int64_t integer_or(const char* key, int64_t fallback) const {
     if (!has(key)) return fallback;
     const Json& v = j_.at(key);
-    // JSON writers sometimes spell integers as 4096.0; accept exact integral numbers.
-    if (v.is_number_integer()) return v.get<int64_t>();
+    // JSON writers sometimes spell integers as 4096.0; accept exact integral numbers (in range:
+    // converting 1e19 to int64 is undefined behaviour).
+    if (v.is_number_unsigned() && v.get<uint64_t>() <= uint64_t(INT64_MAX))
+      return v.get<int64_t>();
+    if (v.is_number_integer() && !v.is_number_unsigned()) return v.get<int64_t>();
     if (v.is_number_float()) {
       const double d = v.get<double>();
-      if (d == double(int64_t(d))) return int64_t(d);
+      if (std::fabs(d) < 0x1p63 && d == std::trunc(d)) return int64_t(d);
     }
-    throw Error(source_ + ": field \"" + key + "\" must be an integer, got " + v.dump());
+    throw Error(source_ + ": field \"" + key + "\" must be an integer, got " + json_excerpt(v));
   }
   double number_or(const char* key, double fallback) const {
     if (!has(key)) return fallback;
     const Json& v = j_.at(key);
-    check(v.is_number(), source_ + ": field \"" + key + "\" must be a number, got " + v.dump());
+    check(v.is_number(),
+          source_ + ": field \"" + key + "\" must be a number, got " + json_excerpt(v));
     return v.get<double>();
   }
   bool boolean_or(const char* key, bool fallback) const {
     if (!has(key)) return fallback;
     const Json& v = j_.at(key);
     check(v.is_boolean(),
-          source_ + ": field \"" + key + "\" must be true or false, got " + v.dump());
+          source_ + ": field \"" + key + "\" must be true or false, got " + json_excerpt(v));
     return v.get<bool>();
   }
   std::string string_or(const char* key, const std::string& fallback) const {
     if (!has(key)) return fallback;
     const Json& v = j_.at(key);
-    check(v.is_string(), source_ + ": field \"" + key + "\" must be a string, got " + v.dump());
+    check(v.is_string(),
+          source_ + ": field \"" + key + "\" must be a string, got " + json_excerpt(v));
     return v.get<std::string>();
   }
   // An integer or a list of integers (eos_token_id).
@@ -62,7 +69,7 @@ class Fields {
     auto one = [&](const Json& x) {
       check(x.is_number_integer() && x.get<int64_t>() >= 0,
             source_ + ": field \"" + key + "\" must be a token id or a list of them, got " +
-                v.dump());
+                json_excerpt(v));
       r.push_back(x.get<int64_t>());
     };
     if (v.is_array()) {
@@ -76,7 +83,8 @@ class Fields {
     static const Json null_json;
     if (!has(key)) return null_json;
     const Json& v = j_.at(key);
-    check(v.is_object(), source_ + ": field \"" + key + "\" must be an object, got " + v.dump());
+    check(v.is_object(),
+          source_ + ": field \"" + key + "\" must be an object, got " + json_excerpt(v));
     return v;
   }
 
@@ -86,12 +94,7 @@ class Fields {
 };
 
 Json parse_json_object(const std::string& text, const std::string& source) {
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const Json::parse_error& e) {
-    throw Error(source + ": not valid JSON: " + e.what());
-  }
+  Json j = parse_json(text, source);
   check(j.is_object(), source + ": expected a JSON object at the top level");
   return j;
 }
@@ -127,11 +130,18 @@ RopeConfig parse_rope(const Json& top, const std::string& source) {
     check(r.high_freq_factor > r.low_freq_factor,
           where + ": llama3 needs high_freq_factor > low_freq_factor");
   } else {
-    throw Error(where + ": unsupported rope type \"" + type +
+    throw Error(where + ": unsupported rope type \"" + excerpt(type) +
                 "\" (supported: default, linear, llama3)");
   }
   check(r.factor > 0, where + ": factor must be > 0");
   check(r.theta > 0, where + ": rope_theta must be > 0");
+  if (r.type == RopeType::llama3) {
+    check(r.low_freq_factor > 0, where + ": low_freq_factor must be > 0");
+    check(r.original_max_positions >= 1 && r.original_max_positions <= kMaxPositions,
+          where + ": original_max_position_embeddings = " +
+              std::to_string(r.original_max_positions) + ": must be in [1, " +
+              std::to_string(kMaxPositions) + "]");
+  }
   return r;
 }
 
@@ -147,17 +157,6 @@ const char* arch_name(Arch a) {
       return "Qwen2ForCausalLM";
   }
   return "?";
-}
-
-std::string read_text_file(const std::string& path, const std::string& what) {
-  std::error_code ec;
-  check(fs::is_regular_file(path, ec), what + " not found: " + path);
-  std::ifstream in(path, std::ios::binary);
-  check(in.good(), "cannot read " + what + " " + path);
-  std::ostringstream s;
-  s << in.rdbuf();
-  check(!in.bad(), "error reading " + what + " " + path);
-  return s.str();
 }
 
 std::string RopeConfig::describe() const {
@@ -179,7 +178,7 @@ ModelConfig parse_model_config(const std::string& text, const std::string& sourc
   if (f.has("architectures")) {
     const Json& a = j.at("architectures");
     check(a.is_array() && !a.empty() && a[0].is_string(),
-          source + ": \"architectures\" must be a list of names, got " + a.dump());
+          source + ": \"architectures\" must be a list of names, got " + json_excerpt(a));
     arch = a[0].get<std::string>();
   } else {
     // Some exports carry only model_type.
@@ -200,11 +199,11 @@ ModelConfig parse_model_config(const std::string& text, const std::string& sourc
   else if (arch == "Qwen2ForCausalLM")
     c.arch = Arch::qwen2;
   else
-    throw Error(source + ": unsupported architecture " + arch +
+    throw Error(source + ": unsupported architecture " + excerpt(arch) +
                 " (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)");
 
   const std::string act = f.string_or("hidden_act", "silu");
-  check(act == "silu", source + ": unsupported hidden_act \"" + act + "\" (only silu)");
+  check(act == "silu", source + ": unsupported hidden_act \"" + excerpt(act) + "\" (only silu)");
 
   c.vocab_size = f.integer("vocab_size");
   c.hidden_size = f.integer("hidden_size");
@@ -242,18 +241,23 @@ ModelConfig parse_model_config(const std::string& text, const std::string& sourc
 }
 
 void ModelConfig::validate() const {
-  auto positive = [](int64_t v, const char* name) {
-    check(v >= 1,
-          std::string("config.json: ") + name + " = " + std::to_string(v) + ": must be >= 1");
+  // Every size is used (tensor names listed per layer, rotary tables, buffers) before the
+  // checkpoint is compared with the config, so each has a limit; the largest real models are
+  // far below them (in brackets), and the products of any two stay far inside int64.
+  auto in_range = [](int64_t v, int64_t limit, const char* name) {
+    check(v >= 1 && v <= limit, std::string("config.json: ") + name + " = " + std::to_string(v) +
+                                    ": must be in [1, " + std::to_string(limit) + "]");
   };
-  positive(vocab_size, "vocab_size");
-  positive(hidden_size, "hidden_size");
-  positive(intermediate_size, "intermediate_size");
-  positive(num_layers, "num_hidden_layers");
-  positive(num_heads, "num_attention_heads");
-  positive(num_kv_heads, "num_key_value_heads");
-  positive(head_dim, "head_dim");
-  positive(max_position_embeddings, "max_position_embeddings");
+  in_range(vocab_size, int64_t(1) << 24, "vocab_size");                // [256,000]
+  in_range(hidden_size, int64_t(1) << 17, "hidden_size");              // [16,384]
+  in_range(intermediate_size, int64_t(1) << 20, "intermediate_size");  // [53,248]
+  in_range(num_layers, 1024, "num_hidden_layers");                     // [126]
+  in_range(num_heads, 1024, "num_attention_heads");                    // [128]
+  in_range(num_kv_heads, 1024, "num_key_value_heads");                 // [128]
+  in_range(head_dim, 1024, "head_dim");                                // [256]
+  in_range(max_position_embeddings, kMaxPositions, "max_position_embeddings");  // [10M]
+  check(sliding_window >= 0, "config.json: sliding_window = " + std::to_string(sliding_window) +
+                                 ": must be >= 0");
   check(num_heads % num_kv_heads == 0,
         "config.json: num_attention_heads = " + std::to_string(num_heads) +
             " must be a multiple of num_key_value_heads = " + std::to_string(num_kv_heads));
@@ -278,7 +282,7 @@ ModelConfig load_model_config(const std::string& model_dir) {
   std::error_code ec;
   check(fs::is_directory(model_dir, ec), "model directory not found: " + model_dir);
   const std::string path = (fs::path(model_dir) / "config.json").string();
-  return parse_model_config(read_text_file(path, "config.json"), path);
+  return parse_model_config(read_text_file(path, "config.json", kMaxConfigBytes), path);
 }
 
 GenerationConfig parse_generation_config(const std::string& text, const std::string& source) {
@@ -292,6 +296,19 @@ GenerationConfig parse_generation_config(const std::string& text, const std::str
   g.temperature = f.number_or("temperature", 1.0);
   g.top_k = f.integer_or("top_k", 50);
   g.top_p = f.number_or("top_p", 1.0);
+  // Checked here so that a bad value is blamed on the file, not on a flag the user never gave.
+  auto bad = [&](const char* key, double v, const char* rule) {
+    std::ostringstream o;
+    o << source << ": " << key << " = " << v << ": " << rule;
+    throw Error(o.str());
+  };
+  if (g.do_sample) {
+    if (!(g.temperature > 0)) bad("temperature", g.temperature, "must be > 0 with do_sample");
+    if (!(g.top_p > 0 && g.top_p <= 1)) bad("top_p", g.top_p, "must be in (0, 1] with do_sample");
+  }
+  if (!(g.temperature >= 0)) bad("temperature", g.temperature, "must be >= 0");
+  if (g.top_k < 0) bad("top_k", double(g.top_k), "must be >= 0 (0 = off)");
+  if (!(g.top_p >= 0 && g.top_p <= 1)) bad("top_p", g.top_p, "must be in [0, 1]");
   return g;
 }
 
@@ -300,7 +317,8 @@ GenerationConfig load_generation_config(const std::string& model_dir, const Mode
   std::error_code ec;
   GenerationConfig g;
   if (fs::exists(path, ec))
-    g = parse_generation_config(read_text_file(path, "generation_config.json"), path);
+    g = parse_generation_config(
+        read_text_file(path, "generation_config.json", kMaxConfigBytes), path);
   if (g.eos_token_ids.empty()) g.eos_token_ids = cfg.eos_token_ids;
   if (g.bos_token_id < 0) g.bos_token_id = cfg.bos_token_id;
   return g;

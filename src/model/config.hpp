@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "model/untrusted.hpp"  // read_text_file
+
 namespace cca::model {
 
 enum class Arch : uint8_t { llama, mistral, qwen2 };
@@ -42,7 +44,9 @@ struct ModelConfig {
   std::vector<int64_t> eos_token_ids;  // from config.json (generation_config.json overrides)
   int64_t bos_token_id = -1;
 
-  // Throws cca::Error naming the first inconsistent field.
+  // Throws cca::Error naming the first inconsistent field or a size beyond its limit (the
+  // limits, far above any real model's, bound what is allocated before the checkpoint is
+  // checked against the config).
   void validate() const;
   std::string describe() const;
 };
@@ -61,11 +65,11 @@ struct GenerationConfig {
 // Parse config.json text; `source` names the file in error messages.
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source);
 ModelConfig load_model_config(const std::string& model_dir);
+// Parse generation_config.json text. Values are checked here, naming the file: temperature
+// >= 0, top_k >= 0, top_p in [0, 1]; with do_sample true (they are then used by default)
+// temperature and top_p must be > 0.
 GenerationConfig parse_generation_config(const std::string& json_text, const std::string& source);
 // generation_config.json of the directory; defaults (with config.json's eos/bos) if absent.
 GenerationConfig load_generation_config(const std::string& model_dir, const ModelConfig& cfg);
-
-// The whole file as a string; cca::Error naming the path if it cannot be read.
-std::string read_text_file(const std::string& path, const std::string& what);
 
 }  // namespace cca::model

@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "cca/error.hpp"
-#include "model/config.hpp"
+#include "model/untrusted.hpp"
 
 namespace cca::model {
 namespace {
@@ -23,6 +23,8 @@ using Json = nlohmann::json;
 namespace fs = std::filesystem;
 
 constexpr int64_t kMaxHeaderBytes = int64_t(100) << 20;  // the format's own limit
+constexpr size_t kMaxDims = 16;          // Llama-family weights have 1 or 2
+constexpr size_t kMaxNameBytes = 1024;   // real names are under 100 bytes
 
 bool parse_dtype(const std::string& s, DType* out) {
   if (s == "F32")
@@ -44,9 +46,10 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return o.str();
 }
 
-// Parses and checks the header; `base` is the mapping, `size` the file size.
-std::vector<TensorInfo> parse_header(const std::string& path, const unsigned char* base,
-                                     int64_t size) {
+}  // namespace
+
+std::vector<TensorInfo> parse_safetensors(const unsigned char* base, int64_t size,
+                                          const std::string& path) {
   check(size >= 8, path + ": truncated safetensors file (" + std::to_string(size) +
                        " bytes; the 8-byte header length is missing)");
   uint64_t n = 0;
@@ -57,56 +60,57 @@ std::vector<TensorInfo> parse_header(const std::string& path, const unsigned cha
   check(int64_t(n) <= kMaxHeaderBytes,
         path + ": bad safetensors header: header length " + std::to_string(n) + " over 100 MB");
   const int64_t data0 = 8 + int64_t(n);
-  Json header;
-  try {
-    header = Json::parse(reinterpret_cast<const char*>(base) + 8,
-                         reinterpret_cast<const char*>(base) + data0);
-  } catch (const Json::parse_error& e) {
-    throw Error(path + ": bad safetensors header: not valid JSON (" + e.what() + ")");
-  }
+  const Json header = parse_json(
+      std::string_view(reinterpret_cast<const char*>(base) + 8, size_t(n)),
+      path + ": bad safetensors header");
   check(header.is_object(), path + ": bad safetensors header: not a JSON object");
 
   std::vector<TensorInfo> out;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") continue;
-    const std::string where = path + ": tensor " + it.key();
+    const std::string where = path + ": tensor " + excerpt(it.key());
+    // Names appear in later messages (missing, unexpected, mis-shaped tensors): keep them short.
+    check(it.key().size() <= kMaxNameBytes, where + ": the name is longer than " +
+                                                std::to_string(kMaxNameBytes) + " bytes");
     const Json& e = it.value();
     check(e.is_object() && e.contains("dtype") && e.contains("shape") && e.contains("data_offsets"),
-          where + ": bad header entry (needs dtype, shape and data_offsets): " + e.dump());
+          where + ": bad header entry (needs dtype, shape and data_offsets): " + json_excerpt(e));
     TensorInfo t;
     t.name = it.key();
     t.file = path;
-    check(e["dtype"].is_string(), where + ": bad dtype " + e["dtype"].dump());
-    const std::string dt = e["dtype"].get<std::string>();
+    const Json& dtype = e.at("dtype");
+    check(dtype.is_string(), where + ": bad dtype " + json_excerpt(dtype));
+    const std::string dt = dtype.get<std::string>();
     check(parse_dtype(dt, &t.dtype),
-          where + " has unsupported dtype " + dt + " (supported: F32, F16, BF16)");
-    check(e["shape"].is_array(), where + ": bad shape " + e["shape"].dump());
-    for (const Json& d : e["shape"]) {
-      check(d.is_number_unsigned() || (d.is_number_integer() && d.get<int64_t>() >= 0),
-            where + ": bad shape " + e["shape"].dump());
+          where + " has unsupported dtype " + excerpt(dt) + " (supported: F32, F16, BF16)");
+    const Json& shape = e.at("shape");
+    check(shape.is_array() && shape.size() <= kMaxDims,
+          where + ": bad shape " + json_excerpt(shape) + " (a list of at most " +
+              std::to_string(kMaxDims) + " sizes)");
+    // Overflow-safe: each dimension and the element count stay below 2^61.
+    int64_t numel = 1;
+    for (const Json& d : shape) {
+      check(d.is_number_unsigned(), where + ": bad shape " + json_excerpt(shape));
+      check(d.get<uint64_t>() <= uint64_t(1) << 61 &&
+                (d == 0 || numel <= (int64_t(1) << 61) / d.get<int64_t>()),
+            where + ": shape " + json_excerpt(shape) + " is too large");
       t.shape.push_back(d.get<int64_t>());
+      numel *= t.shape.back();
     }
-    const Json& off = e["data_offsets"];
+    const Json& off = e.at("data_offsets");
     check(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() &&
               off[1].is_number_unsigned(),
-          where + ": bad data_offsets " + off.dump());
+          where + ": bad data_offsets " + json_excerpt(off));
     const uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
-    check(b <= en, where + ": bad data_offsets " + off.dump() + " (begin after end)");
-    // Overflow-safe: each dimension and the element count stay below 2^62 bytes.
-    int64_t numel = 1;
-    for (int64_t d : t.shape) {
-      check(d == 0 || numel <= (int64_t(1) << 61) / d,
-            where + ": shape " + shape_str(t.shape) + " is too large");
-      numel *= d;
-    }
+    check(b <= en, where + ": bad data_offsets " + json_excerpt(off) + " (begin after end)");
     const int64_t need = numel * dtype_size(t.dtype);
-    check(en - b == uint64_t(need), where + ": data_offsets " + off.dump() + " hold " +
+    check(en - b == uint64_t(need), where + ": data_offsets " + json_excerpt(off) + " hold " +
                                         std::to_string(en - b) + " bytes but shape " +
                                         shape_str(t.shape) + " of " + dt + " needs " +
                                         std::to_string(need));
     check(en <= uint64_t(size - data0),
-          path + " is truncated: tensor " + t.name + " needs bytes up to " +
-              std::to_string(data0 + int64_t(en)) + " but the file has " + std::to_string(size));
+          path + " is truncated: tensor " + excerpt(t.name) + " needs bytes up to " +
+              std::to_string(uint64_t(data0) + en) + " but the file has " + std::to_string(size));
     t.data = base + data0 + b;
     t.nbytes = need;
     out.push_back(std::move(t));
@@ -114,7 +118,25 @@ std::vector<TensorInfo> parse_header(const std::string& path, const unsigned cha
   return out;
 }
 
-}  // namespace
+std::map<std::string, std::string> parse_safetensors_index(const std::string& text,
+                                                           const std::string& source) {
+  const Json j = parse_json(text, source);
+  check(j.is_object() && j.contains("weight_map") && j.at("weight_map").is_object(),
+        source + ": needs an object \"weight_map\" {tensor name: shard file}");
+  std::map<std::string, std::string> placed;
+  for (const auto& [name, file] : j.at("weight_map").items()) {
+    check(file.is_string(),
+          source + ": weight_map entry " + excerpt(name) + " is not a file name");
+    const std::string f = file.get<std::string>();
+    check(!f.empty() && f != "." && f != ".." && f.find('/') == std::string::npos &&
+              f.find('\0') == std::string::npos,
+          source + ": weight_map entry " + excerpt(name) +
+              " names a file outside the directory: " + excerpt(f));
+    placed[name] = f;
+  }
+  check(!placed.empty(), source + ": weight_map is empty");
+  return placed;
+}
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
@@ -136,12 +158,14 @@ const char* safetensors_dtype_name(DType t) {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   check(fd >= 0, "cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error("cannot read " + path + ": not a regular file");
+    throw Error("cannot read " + path +
+                ": not a regular file (a FIFO, socket, device or directory is refused)");
   }
   size_ = st.st_size;
   if (size_ > 0) {
@@ -157,7 +181,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   }
   try {
     static const unsigned char kEmpty[1] = {0};
-    tensors_ = parse_header(path, map_ ? static_cast<const unsigned char*>(map_) : kEmpty, size_);
+    tensors_ =
+        parse_safetensors(map_ ? static_cast<const unsigned char*>(map_) : kEmpty, size_, path);
   } catch (...) {
     if (map_) ::munmap(map_, size_t(size_));
     map_ = nullptr;
@@ -190,27 +215,13 @@ Checkpoint Checkpoint::open(const std::string& model_dir) {
 
   if (fs::exists(index, ec)) {
     const std::string src = index.string();
-    Json j;
-    try {
-      j = Json::parse(read_text_file(src, "safetensors index"));
-    } catch (const Json::parse_error& e) {
-      throw Error(src + ": not valid JSON: " + e.what());
-    }
-    check(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
-          src + ": needs an object \"weight_map\" {tensor name: shard file}");
+    placed = parse_safetensors_index(read_text_file(src, "safetensors index", kMaxJsonFileBytes),
+                                     src);
     std::set<std::string> shards;
-    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      check(it.value().is_string(), src + ": weight_map entry " + it.key() + " is not a file name");
-      const std::string f = it.value().get<std::string>();
-      check(f.find('/') == std::string::npos && f != ".." && !f.empty(),
-            src + ": weight_map entry " + it.key() + " names a file outside the directory: " + f);
-      placed[it.key()] = f;
-      shards.insert(f);
-    }
-    check(!shards.empty(), src + ": weight_map is empty");
+    for (const auto& [name, f] : placed) shards.insert(f);
     for (const std::string& f : shards) {
       const std::string p = (dir / f).string();
-      check(fs::is_regular_file(p, ec), "shard " + f + " named in " + src + " not found");
+      check(fs::exists(p, ec), "shard " + excerpt(f) + " named in " + src + " not found");
       ck.files_.push_back(p);
     }
   } else if (fs::exists(dir / "model.safetensors", ec)) {
@@ -229,14 +240,16 @@ Checkpoint Checkpoint::open(const std::string& model_dir) {
     auto file = std::make_shared<SafetensorsFile>(p);
     for (const TensorInfo& t : file->tensors()) {
       auto [it, fresh] = ck.tensors_.emplace(t.name, t);
-      check(fresh, "tensor " + t.name + " appears in both " + it->second.file + " and " + p);
+      check(fresh,
+            "tensor " + excerpt(t.name) + " appears in both " + it->second.file + " and " + p);
     }
     ck.mapped_.push_back(std::move(file));
   }
   for (const auto& [name, shard] : placed) {
     const TensorInfo* t = ck.find(name);
     check(t != nullptr && fs::path(t->file).filename() == shard,
-          "the index places tensor " + name + " in " + shard + " but that file does not hold it");
+          "the index places tensor " + excerpt(name) + " in " + excerpt(shard) +
+              " but that file does not hold it");
   }
   return ck;
 }

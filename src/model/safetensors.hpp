@@ -45,6 +45,17 @@ class SafetensorsFile {
   std::vector<TensorInfo> tensors_;
 };
 
+// The tensors described by the bytes of a safetensors file (`base`, `size` bytes, `path` naming it
+// in errors), with every header field checked against the file; what SafetensorsFile runs on
+// its mapping. Tensor data pointers point into `base`.
+std::vector<TensorInfo> parse_safetensors(const unsigned char* base, int64_t size,
+                                          const std::string& path);
+
+// The weight_map of model.safetensors.index.json text: tensor name -> shard file name (a plain
+// file name in the same directory).
+std::map<std::string, std::string> parse_safetensors_index(const std::string& json_text,
+                                                           const std::string& source);
+
 // Every tensor of a model directory, by name; keeps the files mapped while it lives.
 class Checkpoint {
  public:

@@ -7,6 +7,7 @@
 #include <queue>
 
 #include "cca/error.hpp"
+#include "model/untrusted.hpp"
 #include "tokenizer/pipeline.hpp"
 #include "tokenizer/unicode.hpp"
 
@@ -41,7 +42,8 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
   if (model.contains("type")) {
     const std::string type = get_string(model, "type", where);
     if (type != "BPE")
-      fail(where + ".type", "unsupported model type '" + type + "' (only BPE is supported)");
+      fail(where + ".type",
+           "unsupported model type '" + model::excerpt(type) + "' (only BPE is supported)");
   } else if (!model.contains("merges")) {
     fail(where, "model has no \"type\" and no \"merges\"; only BPE models are supported");
   }
@@ -49,7 +51,8 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
     if (!it->is_number()) fail(where + ".dropout", "expected a number or null");
     if (it->get<double>() != 0.0)
       fail(where + ".dropout",
-           "BPE dropout " + it->dump() + " is not supported (it makes encoding random)");
+           "BPE dropout " + model::json_excerpt(*it) +
+               " is not supported (it makes encoding random)");
   }
 
   BpeModel m;
@@ -68,7 +71,8 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
   for (const auto& [token, id] : vocab.items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
       fail(where + ".vocab",
-           "token '" + token + "' has id " + id.dump() + ", expected a non-negative integer");
+           "token '" + model::excerpt(token) + "' has id " + model::json_excerpt(id) +
+               ", expected a non-negative integer");
     m.vocab_.insert_or_assign(token, static_cast<int32_t>(id.get<int64_t>()));
     max_id = std::max(max_id, id.get<int64_t>());
   }
@@ -90,7 +94,7 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
   const auto lookup = [&](std::string_view token, size_t k) {
     const auto it = m.vocab_.find(token);
     if (it == m.vocab_.end())
-      fail(at(k), "token '" + std::string(token) + "' is not in the vocabulary");
+      fail(at(k), "token '" + model::excerpt(token) + "' is not in the vocabulary");
     return it->second;
   };
   const std::string& prefix = m.continuing_subword_prefix_;
@@ -102,7 +106,7 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
       const std::string& s = e.get_ref<const std::string&>();
       const size_t space = s.find(' ');
       if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos)
-        fail(at(k), "expected \"left right\" with one space, got \"" + s + "\"");
+        fail(at(k), "expected \"left right\" with one space, got \"" + model::excerpt(s) + "\"");
       a = std::string_view(s).substr(0, space);
       b = std::string_view(s).substr(space + 1);
     } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
@@ -112,8 +116,8 @@ BpeModel BpeModel::from_json(const Json& model, const std::string& where) {
       fail(at(k), "expected \"left right\" or [\"left\", \"right\"]");
     }
     if (!prefix.empty() && b.substr(0, prefix.size()) != prefix)
-      fail(at(k), "right part '" + std::string(b) + "' lacks the continuing_subword_prefix '" +
-                      prefix + "'");
+      fail(at(k), "right part '" + model::excerpt(b) + "' lacks the continuing_subword_prefix '" +
+                      model::excerpt(prefix) + "'");
     const int32_t ia = lookup(a, k), ib = lookup(b, k);
     merged.assign(a);
     merged.append(b.substr(prefix.size()));
@@ -147,7 +151,8 @@ const std::string* BpeModel::id_to_token(int32_t id) const {
 int32_t BpeModel::unk_id() const {
   const auto it = vocab_.find(*unk_token_);
   if (it == vocab_.end())
-    throw Error("tokenizer: the unk_token '" + *unk_token_ + "' is not in the vocabulary");
+    throw Error("tokenizer: the unk_token '" + model::excerpt(*unk_token_) +
+                "' is not in the vocabulary");
   return it->second;
 }
 

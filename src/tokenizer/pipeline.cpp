@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "cca/error.hpp"
+#include "model/untrusted.hpp"
 #include "tokenizer/regex.hpp"
 #include "tokenizer/unicode.hpp"
 
@@ -66,7 +67,7 @@ char32_t one_char(const Json& j, const char* key, const std::string& where) {
     fail(where + "." + key, "expected one character");
   size_t i = 0;
   const char32_t cp = next_code_point(s, i);
-  if (i != s.size()) fail(where + "." + key, "expected one character, got '" + s + "'");
+  if (i != s.size()) fail(where + "." + key, "expected one character, got '" + model::excerpt(s) + "'");
   return cp;
 }
 
@@ -97,7 +98,7 @@ Behavior parse_behavior(const Json& j, const std::string& where) {
   if (b == "MergedWithPrevious") return Behavior::kMergedWithPrevious;
   if (b == "MergedWithNext") return Behavior::kMergedWithNext;
   if (b == "Contiguous") return Behavior::kContiguous;
-  fail(where + ".behavior", "unknown split behavior '" + b + "'");
+  fail(where + ".behavior", "unknown split behavior '" + model::excerpt(b) + "'");
 }
 
 // Cuts `piece` at `matches` (sorted, non-overlapping byte ranges); appends the non-empty parts.
@@ -326,7 +327,7 @@ PrependScheme parse_prepend_scheme(const Json& j, const std::string& where) {
       scheme = PrependScheme::kNever;
     else
       fail(where + ".prepend_scheme",
-           "unknown value '" + s + "' (expected first, always or never)");
+           "unknown value '" + model::excerpt(s) + "' (expected first, always or never)");
   }
   if (!get_bool(j, "add_prefix_space", true, where)) {  // the older spelling of "never"
     if (has_scheme && scheme != PrependScheme::kNever)
@@ -578,6 +579,11 @@ class TemplatePostProcessor final : public PostProcessor {
       return items_[0].ids[0];
     return std::nullopt;
   }
+  std::vector<int32_t> special_ids() const override {
+    std::vector<int32_t> ids;
+    for (const Item& it : items_) ids.insert(ids.end(), it.ids.begin(), it.ids.end());
+    return ids;
+  }
 
  private:
   std::vector<Item> items_;
@@ -587,13 +593,16 @@ std::unique_ptr<PostProcessor> parse_template(const Json& j, const std::string& 
   const Json& specials = require(j, "special_tokens", where);
   if (!specials.is_object()) fail(where + ".special_tokens", "expected an object");
   const auto special_ids = [&](const std::string& name, const std::string& at) {
-    if (!specials.contains(name)) fail(at, "special token '" + name + "' is not in special_tokens");
-    const Json& ids = require(specials[name], "ids", where + ".special_tokens." + name);
+    const auto it = specials.find(name);
+    if (it == specials.end())
+      fail(at, "special token '" + model::excerpt(name) + "' is not in special_tokens");
+    const std::string in = where + ".special_tokens." + model::excerpt(name);
+    const Json& ids = require(*it, "ids", in);
     std::vector<int32_t> out;
-    if (!ids.is_array()) fail(where + ".special_tokens." + name + ".ids", "expected an array");
+    if (!ids.is_array()) fail(in + ".ids", "expected an array");
     for (const Json& v : ids) {
       if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX)
-        fail(where + ".special_tokens." + name + ".ids", "expected non-negative integer ids");
+        fail(in + ".ids", "expected non-negative integer ids");
       out.push_back(static_cast<int32_t>(v.get<int64_t>()));
     }
     return out;
@@ -603,7 +612,7 @@ std::unique_ptr<PostProcessor> parse_template(const Json& j, const std::string& 
   std::vector<TemplatePostProcessor::Item> items;
   const auto add_sequence = [&](const std::string& id) {
     if (id != "A" && id != "0")
-      fail(at, "the single-sequence template refers to sequence '" + id + "'");
+      fail(at, "the single-sequence template refers to sequence '" + model::excerpt(id) + "'");
     items.push_back({true, {}});
   };
   if (single.is_string()) {  // "<s> $A" (the form the Python API takes)
@@ -674,6 +683,14 @@ class SequencePostProcessor final : public PostProcessor {
       if (auto id = p->leading_special()) return id;
     return std::nullopt;
   }
+  std::vector<int32_t> special_ids() const override {
+    std::vector<int32_t> ids;
+    for (const auto& p : parts_) {
+      const std::vector<int32_t> more = p->special_ids();
+      ids.insert(ids.end(), more.begin(), more.end());
+    }
+    return ids;
+  }
 
  private:
   std::vector<std::unique_ptr<PostProcessor>> parts_;
@@ -740,7 +757,7 @@ std::unique_ptr<Normalizer> parse_normalizer(const Json& j, const std::string& w
   if (type == "Sequence")
     return std::make_unique<SequenceNormalizer>(
         parse_list<Normalizer>(j, "normalizers", where, parse_normalizer));
-  fail(where, "unsupported normalizer type '" + type +
+  fail(where, "unsupported normalizer type '" + model::excerpt(type) +
                   "' (supported: NFC, Prepend, Replace, Strip, Sequence)");
 }
 
@@ -763,7 +780,7 @@ std::unique_ptr<PreTokenizer> parse_pre_tokenizer(const Json& j, const std::stri
   if (type == "Sequence")
     return std::make_unique<SequencePreTokenizer>(
         parse_list<PreTokenizer>(j, "pretokenizers", where, parse_pre_tokenizer));
-  fail(where, "unsupported pre-tokenizer type '" + type +
+  fail(where, "unsupported pre-tokenizer type '" + model::excerpt(type) +
                   "' (supported: Split, ByteLevel, Metaspace, Digits, Sequence)");
 }
 
@@ -790,7 +807,7 @@ std::unique_ptr<Decoder> parse_decoder(const Json& j, const std::string& where) 
     return std::make_unique<SequenceDecoder>(
         parse_list<Decoder>(j, "decoders", where, parse_decoder));
   fail(where,
-       "unsupported decoder type '" + type +
+       "unsupported decoder type '" + model::excerpt(type) +
            "' (supported: ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence)");
 }
 
@@ -803,7 +820,7 @@ std::unique_ptr<PostProcessor> parse_post_processor(const Json& j, const std::st
   if (type == "Sequence")
     return std::make_unique<SequencePostProcessor>(
         parse_list<PostProcessor>(j, "processors", where, parse_post_processor));
-  fail(where, "unsupported post-processor type '" + type +
+  fail(where, "unsupported post-processor type '" + model::excerpt(type) +
                   "' (supported: TemplateProcessing, ByteLevel, BertProcessing, RobertaProcessing, "
                   "Sequence)");
 }

@@ -56,6 +56,8 @@ class PostProcessor {
   virtual void process(std::vector<int32_t>& ids, bool add_special) const = 0;
   // The special token placed before a single sequence (the bos token), if any.
   virtual std::optional<int32_t> leading_special() const { return std::nullopt; }
+  // Every id process() may add.
+  virtual std::vector<int32_t> special_ids() const { return {}; }
 };
 
 // Null JSON gives nullptr. `where` names the field in error messages.

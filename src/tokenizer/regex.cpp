@@ -5,6 +5,7 @@
 #include <pcre2.h>
 
 #include "cca/error.hpp"
+#include "model/untrusted.hpp"
 #include "tokenizer/unicode.hpp"
 
 namespace cca::tok::detail {
@@ -52,7 +53,7 @@ struct Pattern::Compiled {
 
 std::string onig_to_pcre2(std::string_view p) {
   const auto fail = [&](const std::string& why) {
-    throw Error("tokenizer: regex '" + std::string(p) + "': " + why);
+    throw Error("tokenizer: regex '" + model::excerpt(p) + "': " + why);
   };
   std::string out;
   out.reserve(p.size() + 64);
@@ -132,7 +133,8 @@ Pattern Pattern::regex(const std::string& onig_pattern) {
       pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(),
                     PCRE2_UTF | PCRE2_UCP, &err, &offset, nullptr);
   if (!code)
-    throw Error("tokenizer: regex '" + onig_pattern + "' does not compile: " + pcre2_message(err) +
+    throw Error("tokenizer: regex '" + model::excerpt(onig_pattern) +
+                "' does not compile: " + pcre2_message(err) +
                 " at offset " + std::to_string(offset));
   auto compiled = std::make_shared<Compiled>();
   compiled->code = code;
@@ -165,7 +167,13 @@ std::vector<std::pair<size_t, size_t>> Pattern::find_all(std::string_view s) con
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       pcre2_match_data_free(md);
-      throw Error("tokenizer: regex '" + source_ + "' failed to match: " + pcre2_message(rc));
+      // PCRE2's match, depth and heap limits bound the work of each call: a pattern that
+      // backtracks catastrophically fails here instead of running for hours.
+      const bool limit = rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
+                         rc == PCRE2_ERROR_HEAPLIMIT || rc == PCRE2_ERROR_JIT_STACKLIMIT;
+      throw Error("tokenizer: regex '" + model::excerpt(source_) + "' failed to match: " +
+                  (limit ? "it backtracks too much on this text (" + pcre2_message(rc) + ")"
+                         : pcre2_message(rc)));
     }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     const size_t b = ov[0], e = ov[1];

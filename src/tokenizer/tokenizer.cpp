@@ -2,11 +2,10 @@
 #include "tokenizer/tokenizer.hpp"
 
 #include <array>
-#include <fstream>
-#include <sstream>
 #include <unordered_set>
 
 #include "cca/error.hpp"
+#include "model/untrusted.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tokenizer/pipeline.hpp"
 #include "tokenizer/regex.hpp"
@@ -167,28 +166,28 @@ struct Tokenizer::Impl {
 
 namespace {
 
+// Errors start "tokenizer.json: "; from_file puts the path in its place.
 std::shared_ptr<Tokenizer::Impl> load(std::string_view text) {
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const Json::exception& e) {
-    throw Error(std::string("tokenizer.json: invalid JSON: ") + e.what());
-  }
+  const Json j = model::parse_json(text, "tokenizer.json");
   if (!j.is_object()) throw Error("tokenizer.json: expected a JSON object at the top level");
   auto m = std::make_shared<Tokenizer::Impl>();
   try {
-    if (j.contains("version") && !(j["version"].is_string() && j["version"] == "1.0"))
-      detail::fail("version",
-                   "unknown tokenizer.json version " + j["version"].dump() + " (expected \"1.0\")");
+    static const Json null_json;
+    const auto part = [&](const char* key) -> const Json& {
+      const auto it = j.find(key);
+      return it == j.end() ? null_json : *it;
+    };
+    if (const Json& v = part("version"); !v.is_null() && !(v.is_string() && v == "1.0"))
+      detail::fail("version", "unknown tokenizer.json version " + model::json_excerpt(v) +
+                                  " (expected \"1.0\")");
     m->model = detail::BpeModel::from_json(detail::require(j, "model", "top level"), "model");
-    const auto part = [&](const char* key) { return j.contains(key) ? j[key] : Json(); };
     m->normalizer = detail::parse_normalizer(part("normalizer"), "normalizer");
     m->pre_tokenizer = detail::parse_pre_tokenizer(part("pre_tokenizer"), "pre_tokenizer");
     m->post_processor = detail::parse_post_processor(part("post_processor"), "post_processor");
     m->decoder = detail::parse_decoder(part("decoder"), "decoder");
     m->word_char = detail::Pattern::regex(R"([\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])");
 
-    const Json added = part("added_tokens");
+    const Json& added = part("added_tokens");
     if (!added.is_null() && !added.is_array()) detail::fail("added_tokens", "expected an array");
     for (size_t k = 0; k < added.size(); ++k) {
       const std::string at = "added_tokens[" + std::to_string(k) + "]";
@@ -222,9 +221,16 @@ std::shared_ptr<Tokenizer::Impl> load(std::string_view text) {
       m->added.push_back(std::move(t));
     }
   } catch (const Json::exception& e) {
-    throw Error(std::string("tokenizer.json: malformed: ") + e.what());
+    throw Error("tokenizer.json: malformed: " + model::excerpt(e.what(), 160));
   }
 
+  // The post-processor adds its ids to every encoding: each must be a token, or the ids would
+  // name nothing when decoded and could lie outside the model's vocabulary.
+  if (m->post_processor)
+    for (const int32_t id : m->post_processor->special_ids())
+      if (!m->token_of(id))
+        throw Error("tokenizer.json: post_processor: special token id " + std::to_string(id) +
+                    " is neither in the vocabulary nor an added token");
   int64_t max_id = m->model.max_id();
   for (const AddedToken& t : m->added) max_id = std::max<int64_t>(max_id, t.id);
   m->vocab_size = max_id + 1;
@@ -239,22 +245,55 @@ std::shared_ptr<Tokenizer::Impl> load(std::string_view text) {
   return m;
 }
 
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("tokenizer: cannot open '" + path.string() + "'");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error("tokenizer: cannot read '" + path.string() + "'");
-  return ss.str();
+// tokenizer_config.json (`text`, named `where` in errors): its "bos_token" and "eos_token" name
+// the bos and eos of the tokenizer `m` (named `tokenizer_name`), as transformers has it.
+void apply_config(Tokenizer::Impl& m, std::string_view text, const std::string& where,
+                  const std::string& tokenizer_name) {
+  const Json config = model::parse_json(text, where);
+  if (!config.is_object()) throw Error(where + ": expected a JSON object");
+  const auto named = [&](const char* key, std::optional<int32_t>& slot) {
+    const auto found = config.find(key);
+    if (found == config.end()) return;
+    const Json& v = *found;
+    if (v.is_null()) {
+      slot.reset();
+      return;
+    }
+    std::string name;
+    if (v.is_string())
+      name = v.get<std::string>();
+    else if (v.is_object() && v.contains("content") && v.at("content").is_string())
+      name = v.at("content").get<std::string>();
+    else
+      throw Error(where + ": " + key + ": expected a string, {\"content\": ...} or null, got " +
+                  model::json_excerpt(v));
+    const auto it = m.added_ids.find(name);
+    if (it != m.added_ids.end()) {
+      slot = it->second;
+    } else if (const auto id = m.model.token_to_id(name)) {
+      slot = *id;
+    } else {
+      throw Error(where + ": " + key + " '" + model::excerpt(name) + "' is not a token of " +
+                  tokenizer_name);
+    }
+  };
+  named("bos_token", m.bos);
+  named("eos_token", m.eos);
 }
 
 }  // namespace
 
-Tokenizer Tokenizer::from_json(std::string_view json) { return Tokenizer(load(json)); }
+Tokenizer Tokenizer::from_json(std::string_view json,
+                               std::optional<std::string_view> config_json) {
+  std::shared_ptr<Impl> m = load(json);
+  if (config_json) apply_config(*m, *config_json, "tokenizer_config.json", "tokenizer.json");
+  return Tokenizer(std::move(m));
+}
 
 Tokenizer Tokenizer::from_file(const std::filesystem::path& path) {
   std::shared_ptr<Impl> m;
-  const std::string text = read_file(path);
+  const std::string text =
+      model::read_text_file(path.string(), "tokenizer.json", model::kMaxJsonFileBytes);
   try {
     m = load(text);
   } catch (const Error& e) {  // name the file instead of "tokenizer.json"
@@ -266,40 +305,11 @@ Tokenizer Tokenizer::from_file(const std::filesystem::path& path) {
   // tokenizer_config.json names bos and eos for transformers; follow it where it is present.
   const std::filesystem::path config_path = path.parent_path() / "tokenizer_config.json";
   std::error_code ec;
-  if (!std::filesystem::exists(config_path, ec)) return Tokenizer(std::move(m));
-  const std::string where = config_path.string();
-  Json config;
-  try {
-    config = Json::parse(read_file(config_path));
-  } catch (const Json::exception& e) {
-    throw Error(where + ": invalid JSON: " + e.what());
+  if (std::filesystem::exists(config_path, ec)) {
+    const std::string where = config_path.string();
+    apply_config(*m, model::read_text_file(where, "tokenizer_config.json", model::kMaxJsonFileBytes),
+                 where, path.string());
   }
-  if (!config.is_object()) throw Error(where + ": expected a JSON object");
-  const auto named = [&](const char* key, std::optional<int32_t>& slot) {
-    if (!config.contains(key)) return;
-    const Json& v = config[key];
-    if (v.is_null()) {
-      slot.reset();
-      return;
-    }
-    std::string name;
-    if (v.is_string())
-      name = v.get<std::string>();
-    else if (v.is_object() && v.contains("content") && v["content"].is_string())
-      name = v["content"].get<std::string>();
-    else
-      throw Error(where + ": " + key + ": expected a string, {\"content\": ...} or null");
-    const auto it = m->added_ids.find(name);
-    if (it != m->added_ids.end()) {
-      slot = it->second;
-    } else if (const auto id = m->model.token_to_id(name)) {
-      slot = *id;
-    } else {
-      throw Error(where + ": " + key + " '" + name + "' is not a token of " + path.string());
-    }
-  };
-  named("bos_token", m->bos);
-  named("eos_token", m->eos);
   return Tokenizer(std::move(m));
 }
 

@@ -31,7 +31,9 @@ class Tokenizer {
   // "eos_token" name bos_id() and eos_id() (as in transformers). Throws cca::Error naming the
   // file and the field on a missing file, malformed JSON or an unsupported component.
   static Tokenizer from_file(const std::filesystem::path& path);
-  static Tokenizer from_json(std::string_view json);
+  // The same from the texts of tokenizer.json and, optionally, tokenizer_config.json.
+  static Tokenizer from_json(std::string_view json,
+                             std::optional<std::string_view> config_json = std::nullopt);
 
   // Token ids of UTF-8 `text`; add_special applies the post-processor (e.g. the bos token).
   // Added/special token strings in the text are always recognised. Invalid UTF-8 throws.
