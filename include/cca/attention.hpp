@@ -42,6 +42,21 @@ struct AttnFwdParams {
 };
 void attn_fwd(const AttnFwdParams& p);
 
+// Backward of attn_fwd (docs/semantics.md, Gradients): from the forward's inputs q, k, v, its
+// output `out` and log-sum-exp `lse` (float32 [B, Hq, T], as attn_fwd wrote it) and the gradient
+// `dout` of the output, writes dq, dk, dv (the shapes of q, k, v; any float dtype). For cca the
+// gradient flows through the core tokens into the pooled groups' keys and values and, with
+// pool = cca, through the pooling softmax into those keys and each group's last query.
+// `deterministic`: the same inputs give bit-identical gradients (no floating-point atomics).
+struct AttnBwdParams {
+  TensorView q, k, v, out, lse, dout;
+  TensorView dq, dk, dv;
+  VariantSpec variant;
+  RunOptions run;
+  bool deterministic = false;
+};
+void attn_bwd(const AttnBwdParams& p);
+
 // Core tokens: for groups 0..m-1 with m = k_core.shape[1] (at most T/g), pooled as the
 // variant's pool and pool_heads say. k_core/v_core are [B, m, Hc, D], Hc = Hkv or Hq.
 struct PoolParams {
