@@ -16,6 +16,7 @@ struct ContextFactory {
     c.blas_ = blas;
     c.workspace_ = workspace;
     c.workspace_bytes_ = workspace_bytes;
+    c.profile_ = std::make_unique<Profile>(device, stream);
     return c;
   }
 };
@@ -75,6 +76,11 @@ void* end_capture(const Context& ctx);
 void abort_capture(const Context& ctx) noexcept;
 void launch_graph(const Context& ctx, void* graph);
 void destroy_graph(void* graph) noexcept;
+// graph.cpp: CUDA events for ops::Profile.
+void* event_create();
+void event_record(void* event, void* stream);
+float event_elapsed_ms(void* start, void* stop);  // waits for `stop`
+void event_destroy(void* event) noexcept;
 }  // namespace cuda
 #endif
 

@@ -80,6 +80,7 @@ Context& Context::operator=(Context&& o) noexcept {
     blas_ = o.blas_;
     workspace_ = o.workspace_;
     workspace_bytes_ = o.workspace_bytes_;
+    profile_ = std::move(o.profile_);
     o.stream_ = o.blas_ = o.workspace_ = nullptr;
     o.workspace_bytes_ = 0;
   }
@@ -88,6 +89,7 @@ Context& Context::operator=(Context&& o) noexcept {
 Context::~Context() { release(); }
 
 void Context::release() noexcept {
+  profile_.reset();  // its events first, while the device is still set up
 #ifdef CCA_WITH_CUDA
   if (device_ == Device::cuda && (stream_ || blas_ || workspace_))
     cuda::release(stream_, blas_, workspace_);

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cca/tensor.hpp"
+#include "ops/profile.hpp"
 #include "ops/sample_math.hpp"
 
 namespace cca::ops {
@@ -70,6 +71,9 @@ class Context {
   // A name for messages: "cpu (2 threads)", "cuda: NVIDIA H200 (sm_90)".
   std::string describe() const;
 
+  // Timing of the work queued on this context, by named region (off until enabled).
+  Profile& profile() const { return *profile_; }
+
  private:
   friend struct ContextFactory;  // the cpu and cuda factories (ops/cpu, ops/cuda)
   Context() = default;
@@ -80,6 +84,7 @@ class Context {
   void* blas_ = nullptr;
   void* workspace_ = nullptr;
   int64_t workspace_bytes_ = 0;
+  std::unique_ptr<Profile> profile_;
 };
 
 // One weight matrix W [out, in] (as Hugging Face stores it) and an optional bias b [out].

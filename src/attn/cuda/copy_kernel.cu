@@ -15,7 +15,8 @@ struct CopyArgs {
   int64_t pos0;
 };
 
-// dst[b, t, h, :] = src[b, t, h, :] for [B, n, H, D] views; E is the element type.
+// dst[b, t, h, :] = src[b, t, h, :] for [B, n, H, D] views, counted in units E (an element, or
+// 16 bytes when rows allow); `pos` offsets dst by whole rows.
 template <typename E>
 __global__ void copy_tensor_kernel(E* dst, const E* src, CopyArgs c) {
   if (c.pos) dst += (int64_t(*c.pos) - c.pos0) * c.ds[1];
@@ -57,8 +58,21 @@ void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* po
     c.ds[i] = dst.stride[i];
     c.ss[i] = src.stride[i];
   }
+  // Rows of 16-byte multiples at 16-byte aligned addresses move in 16-byte units: 8x fewer
+  // index computations than per 2-byte element (the chunk appends of a prefill are ~30 MB).
+  const int64_t es = dtype_size(src.dtype);
+  const int64_t unit = rows_aligned_16(dst) && rows_aligned_16(src) ? 16 : es;
+  c.n3 = c.n3 * es / unit;
+  c.total = c.total * es / unit;
+  for (int i = 0; i < 3; ++i) {
+    c.ds[i] = c.ds[i] * es / unit;
+    c.ss[i] = c.ss[i] * es / unit;
+  }
   const unsigned blocks = unsigned(std::min<int64_t>((c.total + 255) / 256, 65535));
-  if (dtype_size(src.dtype) == 4)
+  if (unit == 16)
+    copy_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint4*>(dst.data),
+                                                   static_cast<const uint4*>(src.data), c);
+  else if (unit == 4)
     copy_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<float*>(dst.data),
                                                    static_cast<const float*>(src.data), c);
   else
