@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "pdl.cuh"
 #include "kernels.hpp"
 
 namespace cca::cuda {
@@ -19,6 +20,7 @@ struct CopyArgs {
 // 16 bytes when rows allow); `pos` offsets dst by whole rows.
 template <typename E>
 __global__ void copy_tensor_kernel(E* dst, const E* src, CopyArgs c) {
+  pdl_wait_and_release();
   if (c.pos) dst += (int64_t(*c.pos) - c.pos0) * c.ds[1];
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.total;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -40,6 +42,11 @@ bool rows_aligned_16(const TensorView& t) {
 }
 
 namespace {
+template <typename E>
+struct Unit {
+  using type = E;
+};
+
 void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* pos, int64_t pos0,
                  cudaStream_t stream) {
   check(dst.dtype == src.dtype, "copy_tensor: dtype mismatch");
@@ -69,15 +76,17 @@ void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* po
     c.ss[i] = c.ss[i] * es / unit;
   }
   const unsigned blocks = unsigned(std::min<int64_t>((c.total + 255) / 256, 65535));
+  auto go = [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    pdl_launch(copy_tensor_kernel<E>, dim3(blocks), dim3(256), 0, stream,
+               static_cast<E*>(dst.data), static_cast<const E*>(src.data), c);
+  };
   if (unit == 16)
-    copy_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint4*>(dst.data),
-                                                   static_cast<const uint4*>(src.data), c);
+    go(Unit<uint4>{});
   else if (unit == 4)
-    copy_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<float*>(dst.data),
-                                                   static_cast<const float*>(src.data), c);
+    go(Unit<float>{});
   else
-    copy_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint16_t*>(dst.data),
-                                                   static_cast<const uint16_t*>(src.data), c);
+    go(Unit<uint16_t>{});
   CCA_CUDA_CHECK_LAUNCH("copy_tensor_kernel");
 }
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include "attend_args.cuh"
 #include "cuda_check.hpp"
+#include "pdl.cuh"
 #include "device_utils.cuh"
 #include "kernels.hpp"
 #include "tile_config.hpp"
@@ -60,16 +61,6 @@ __device__ __forceinline__ X sel3(int s, X x0, X x1, X x2) {  // no run-time-ind
   return s == 0 ? x0 : (s == 1 ? x1 : x2);
 }
 
-// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): wait until
-// the previous kernel in the stream has finished and its writes are visible, then let the next
-// kernel's blocks start (they wait for this whole grid in the same way).
-__device__ __forceinline__ void grid_dependency_wait_and_release() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // Output element (batch b, query qi, head h, column c) and, at c = 0, its LSE from the merged
 // state of the row.
 template <typename T>
@@ -96,7 +87,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   __shared__ int64_t s_rng[kRows][3][2];   // per query: [lo, hi) of each segment
   __shared__ float s_ml[kWarps][kRows][2];
 
-  grid_dependency_wait_and_release();
+  pdl_wait_and_release();
   const int64_t group = int64_t(blockIdx.z) * gridDim.y + blockIdx.y;
   if (group >= d.groups) return;  // past the end in the grid's last z slice
   const DecodeProblem& pr =
@@ -301,7 +292,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
 template <typename T, int D, int kCap>
 __global__ void __launch_bounds__(D)
     decode_merge_kernel(const __grid_constant__ DecodeBatch<kCap> d) {
-  grid_dependency_wait_and_release();
+  pdl_wait_and_release();
   const int64_t row = blockIdx.x;
   const DecodeProblem& pr =
       d.p[find_problem(d, row, [](const DecodeProblem& x) { return x.row0; })];
@@ -351,34 +342,6 @@ int sm_count() {
   return n;
 }
 
-// Programmatic dependent launch where the loaded binary is sm_90+ code (griddepcontrol) and
-// CCA_CUDA_PDL is not 0 (A/B runs). The next kernel's blocks may then start while this one's
-// last blocks run; every kernel here waits for its predecessor before touching memory.
-template <typename Kernel>
-bool use_pdl(Kernel kernel) {
-  cudaFuncAttributes fa;
-  CCA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-  const char* e = std::getenv("CCA_CUDA_PDL");
-  return fa.binaryVersion >= 90 && !(e && e[0] == '0');
-}
-
-// Launches `kernel` (grid, threads, dynamic shared memory) on `stream` with PDL where `pdl`.
-template <typename Kernel, typename Args>
-void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, bool pdl,
-            const Args& args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  CCA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args));
-}
-
 // One launch (and, where a problem has several slices, a merge launch) for problems [0, count),
 // count <= kCap. Slices: one wave of kBlocksPerSm blocks per SM, shared between the problems in
 // proportion to their key counts (a long sequence of a ragged batch gets more slices), none
@@ -425,17 +388,18 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
 
   constexpr int kSmem = DecodeTile::smem_bytes<D>();
   auto kernel = attend_decode_kernel<T, D, kCap>;
-  static const bool pdl = [&] {  // once per instantiation
+  static const bool smem_set = [&] {  // once per instantiation
     CCA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    return use_pdl(kernel);
+    return true;
   }();
+  (void)smem_set;
   constexpr int64_t kMaxY = 65535;
   const dim3 grid(unsigned(max_splits), unsigned(std::min(d.groups, kMaxY)),
                   unsigned((d.groups + kMaxY - 1) / kMaxY));
-  launch(kernel, grid, DecodeTile::kThreads, kSmem, stream, pdl, d);
+  pdl_launch(kernel, grid, dim3(DecodeTile::kThreads), kSmem, stream, d);
   if (ws) {
-    launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), D, 0, stream, pdl, d);
+    pdl_launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), dim3(D), 0, stream, d);
     if (!own) scratch_free(ws, stream);
   }
 }

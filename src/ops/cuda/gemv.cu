@@ -12,9 +12,13 @@
 #include <cstdint>
 
 #include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/pdl.cuh"
 #include "ops/cuda/kernels.hpp"
 
 namespace cca::ops::cuda {
+
+using ::cca::cuda::pdl_launch;
+using ::cca::cuda::pdl_wait_and_release;
 namespace {
 
 constexpr int kThreads = 256, kRowsPerBlock = 4, kUnroll = 2;
@@ -47,8 +51,8 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
 // x rows and W rows aligned to 16 bytes.
 template <typename T, typename TY, int N>
 __global__ void __launch_bounds__(kThreads)
-    gemv_kernel(const T* __restrict__ w, int64_t sw, const T* __restrict__ x, int64_t sx,
-                const void* __restrict__ bias, bool bias_is_f32, TY* y, int64_t sy,
+    gemv_kernel(const T* __restrict__ w, int64_t sw, const T* x, int64_t sx,
+                const void* bias, bool bias_is_f32, TY* y, int64_t sy,
                 int64_t out, int64_t in, bool accumulate) {
   constexpr int R = kRowsPerBlock, U = kUnroll, kWarps = kThreads / 32;
   const int64_t j0 = int64_t(blockIdx.x) * R;
@@ -63,8 +67,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int n = 0; n < N; ++n) acc[r][n] = 0.f;
 
-  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += int64_t(kThreads) * U) {
-    uint4 wv[U][R];
+  // The first vectors of W load before the wait for the previous kernel (W is never written
+  // during a step): with PDL they are in flight while that kernel finishes.
+  uint4 wv[U][R];
+  auto load_w = [&](int64_t v0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + int64_t(u) * kThreads;
@@ -72,6 +78,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < R; ++r)  // streamed once: kept out of L1, where x lives
         wv[u][r] = v < vecs ? __ldcs(wr[r] + v) : make_uint4(0, 0, 0, 0);
     }
+  };
+  load_w(threadIdx.x);
+  pdl_wait_and_release();
+
+  for (int64_t v0 = threadIdx.x; v0 < vecs; v0 += int64_t(kThreads) * U) {
+    if (v0 != threadIdx.x) load_w(v0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + int64_t(u) * kThreads;
@@ -79,7 +91,9 @@ __global__ void __launch_bounds__(kThreads)
       float xf[N][8];
 #pragma unroll
       for (int n = 0; n < N; ++n)
-        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + n * sx) + v), xf[n]);
+        // A plain load, not __ldg: x is written by the kernel before, which with PDL may still
+        // run when this one starts (the non-coherent path assumes data read-only all along).
+        unpack8<T>(reinterpret_cast<const uint4*>(x + n * sx)[v], xf[n]);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float wf[8];
@@ -136,7 +150,7 @@ bool launch_gemv(const TensorView& x, const TensorView& w, const void* bias, DTy
     using T = typename decltype(t_tag)::type;
     using TY = typename decltype(ty_tag)::type;
     constexpr int N = decltype(n_tag)::value;
-    gemv_kernel<T, TY, N><<<blocks, kThreads, 0, stream>>>(
+    pdl_launch(gemv_kernel<T, TY, N>, dim3(blocks), dim3(kThreads), 0, stream, 
         static_cast<const T*>(w.data), w.stride[0], static_cast<const T*>(x.data), x.stride[0],
         bias, bias_dtype == DType::f32, static_cast<TY*>(y.data), y.stride[0], out, in,
         accumulate);

@@ -8,9 +8,13 @@
 #include <cstdint>
 
 #include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/pdl.cuh"
 #include "ops/cuda/kernels.hpp"
 
 namespace cca::ops::cuda {
+
+using ::cca::cuda::pdl_launch;
+using ::cca::cuda::pdl_wait_and_release;
 namespace {
 
 constexpr int kThreads = 256;         // elementwise kernels and rms_norm
@@ -110,6 +114,7 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename TW, typename TO, int V>
 __global__ void rms_norm_kernel(const float* x, int64_t sx, const TW* w, TO* out, int64_t so,
                                 int64_t H, float eps) {
+  pdl_wait_and_release();
   const float* xr = x + int64_t(blockIdx.x) * sx;
   const int64_t nv = H / V;
   float ss = 0.f;
@@ -138,6 +143,7 @@ __global__ void rms_norm_kernel(const float* x, int64_t sx, const TW* w, TO* out
 template <typename T, int V>
 __global__ void rope_kernel(T* x, int64_t sx, int64_t heads, int64_t half,
                             const int32_t* positions, const float* inv_freq) {
+  pdl_wait_and_release();
   extern __shared__ float table[];  // cos [half], then sin [half]
   const float pos = float(positions[blockIdx.x]);
   for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
@@ -171,6 +177,7 @@ __global__ void rope_kernel(T* x, int64_t sx, int64_t heads, int64_t half,
 template <typename T, int V>
 __global__ void swiglu_kernel(const T* gate, int64_t sg, const T* up, int64_t su, T* out,
                               int64_t so, int64_t n, int64_t I) {
+  pdl_wait_and_release();
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // in units of V
   if (c >= I / V) return;
   for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
@@ -190,6 +197,7 @@ __global__ void swiglu_kernel(const T* gate, int64_t sg, const T* up, int64_t su
 template <typename T>
 __global__ void embed_kernel(const int32_t* ids, const T* table, int64_t st, float* out,
                              int64_t so, int64_t n, int64_t H) {
+  pdl_wait_and_release();
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= H) return;
   for (int64_t r = blockIdx.y; r < n; r += gridDim.y)
@@ -200,6 +208,7 @@ __global__ void embed_kernel(const int32_t* ids, const T* table, int64_t st, flo
 template <typename U>
 __global__ void gather_rows_kernel(const U* src, int64_t ss, const int32_t* rows, U* dst,
                                    int64_t ds, int64_t m, int64_t units) {
+  pdl_wait_and_release();
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= units) return;
   for (int64_t r = blockIdx.y; r < m; r += gridDim.y) dst[r * ds + c] = src[rows[r] * ss + c];
@@ -207,6 +216,7 @@ __global__ void gather_rows_kernel(const U* src, int64_t ss, const int32_t* rows
 
 // logits float32 [m, V] (row stride sl), out [m]; one block of kArgmaxThreads per row.
 __global__ void argmax_rows_kernel(const float* logits, int64_t sl, int64_t V, int32_t* out) {
+  pdl_wait_and_release();
   __shared__ Best warp_results[32];
   const float* row = logits + int64_t(blockIdx.x) * sl;
   Best b{0.f, -1};
@@ -245,6 +255,7 @@ __global__ void argmax_rows_kernel(const float* logits, int64_t sl, int64_t V, i
 template <typename S, typename D>
 __global__ void convert_kernel(const S* src, int64_t ss, D* dst, int64_t ds, int64_t n,
                                int64_t C) {
+  pdl_wait_and_release();
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   for (int64_t r = blockIdx.y; r < n; r += gridDim.y)
@@ -254,6 +265,7 @@ __global__ void convert_kernel(const S* src, int64_t ss, D* dst, int64_t ds, int
 // y [n, C] (row stride sy) += b [C].
 template <typename TY, typename TB>
 __global__ void add_bias_kernel(TY* y, int64_t sy, const TB* b, int64_t n, int64_t C) {
+  pdl_wait_and_release();
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const float bias = to_f(b[c]);
@@ -283,7 +295,7 @@ void launch_rms_norm(const TensorView& x, const void* w, DType w_dtype, float ep
     with_dtype(out.dtype, [&](auto to) {
       using TO = typename decltype(to)::type;
       auto launch = [&](auto kernel) {
-        kernel<<<unsigned(n), kThreads, 0, stream>>>(data_of<const float>(x), x.stride[0],
+        pdl_launch(kernel, dim3(unsigned(n)), dim3(kThreads), 0, stream, data_of<const float>(x), x.stride[0],
                                                      static_cast<const TW*>(w), data_of<TO>(out),
                                                      out.stride[0], H, eps);
       };
@@ -306,7 +318,7 @@ void launch_rope(const TensorView& x, int64_t heads, const int32_t* positions,
   with_dtype(x.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto launch = [&](auto kernel) {
-      kernel<<<unsigned(n), kThreads, smem, stream>>>(data_of<T>(x), x.stride[0], heads, half,
+      pdl_launch(kernel, dim3(unsigned(n)), dim3(kThreads), smem, stream, data_of<T>(x), x.stride[0], heads, half,
                                                       positions, inv_freq);
     };
     if (vec)
@@ -329,7 +341,7 @@ void launch_swiglu(const TensorView& gate, const TensorView& up, const TensorVie
   with_dtype(out.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto launch = [&](auto kernel, int64_t units) {
-      kernel<<<row_grid(n, units), kThreads, 0, stream>>>(
+      pdl_launch(kernel, dim3(row_grid(n, units)), dim3(kThreads), 0, stream, 
           data_of<const T>(gate), gate.stride[0], data_of<const T>(up), up.stride[0],
           data_of<T>(out), out.stride[0], n, I);
     };
@@ -347,7 +359,7 @@ void launch_embed(const int32_t* ids, const TensorView& table, const TensorView&
   if (n == 0 || H == 0) return;
   with_dtype(table.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    embed_kernel<T><<<row_grid(n, H), kThreads, 0, stream>>>(
+    pdl_launch(embed_kernel<T>, dim3(row_grid(n, H)), dim3(kThreads), 0, stream, 
         ids, data_of<const T>(table), table.stride[0], data_of<float>(out), out.stride[0], n, H);
   });
   CCA_CUDA_CHECK_LAUNCH("embed_kernel");
@@ -367,7 +379,7 @@ void launch_gather_rows(const TensorView& src, const int32_t* rows, const Tensor
   auto launch = [&](auto tag) {
     using U = typename decltype(tag)::type;
     const int64_t u = sizeof(U);
-    gather_rows_kernel<U><<<row_grid(m, row_bytes / u), kThreads, 0, stream>>>(
+    pdl_launch(gather_rows_kernel<U>, dim3(row_grid(m, row_bytes / u)), dim3(kThreads), 0, stream, 
         static_cast<const U*>(src.data), src.stride[0] * es / u, rows, static_cast<U*>(dst.data),
         dst.stride[0] * es / u, m, row_bytes / u);
   };
@@ -383,7 +395,7 @@ void launch_gather_rows(const TensorView& src, const int32_t* rows, const Tensor
 void launch_argmax_rows(const TensorView& logits, int32_t* out, cudaStream_t stream) {
   const int64_t m = logits.shape[0];
   if (m == 0) return;
-  argmax_rows_kernel<<<unsigned(m), kArgmaxThreads, 0, stream>>>(
+  pdl_launch(argmax_rows_kernel, dim3(unsigned(m)), dim3(kArgmaxThreads), 0, stream, 
       data_of<const float>(logits), logits.stride[0], logits.shape[1], out);
   CCA_CUDA_CHECK_LAUNCH("argmax_rows_kernel");
 }
@@ -395,7 +407,7 @@ void launch_convert(const TensorView& src, const TensorView& dst, cudaStream_t s
     using S = typename decltype(ts)::type;
     with_dtype(dst.dtype, [&](auto td) {
       using D = typename decltype(td)::type;
-      convert_kernel<S, D><<<row_grid(n, C), kThreads, 0, stream>>>(
+      pdl_launch(convert_kernel<S, D>, dim3(row_grid(n, C)), dim3(kThreads), 0, stream, 
           data_of<const S>(src), src.stride[0], data_of<D>(dst), dst.stride[0], n, C);
     });
   });
@@ -409,7 +421,7 @@ void launch_add_bias(const TensorView& y, const void* b, DType b_dtype, cudaStre
     using TY = typename decltype(ty)::type;
     with_dtype(b_dtype, [&](auto tb) {
       using TB = typename decltype(tb)::type;
-      add_bias_kernel<TY, TB><<<row_grid(n, C), kThreads, 0, stream>>>(
+      pdl_launch(add_bias_kernel<TY, TB>, dim3(row_grid(n, C)), dim3(kThreads), 0, stream, 
           data_of<TY>(y), y.stride[0], static_cast<const TB*>(b), n, C);
     });
   });
