@@ -247,10 +247,10 @@ void warm_up(Activations& a) {
   const ops::Context& ctx = m.context();
   const LayerWeights& L = m.weights().layers.front();
   const int64_t I = m.config().intermediate_size;
-  ops::linear(ctx, a.h, L.qkv, a.qkv);
-  ops::linear(ctx, a.att, L.o, a.x, /*accumulate=*/true);
-  ops::linear(ctx, a.h, L.gate_up, a.gate_up);
-  ops::linear(ctx, a.gate_up.slice(1, 0, I), L.down, a.x, /*accumulate=*/true);
+  ops::tune_linear(ctx, a.h, L.qkv, a.qkv);
+  ops::tune_linear(ctx, a.att, L.o, a.x, /*accumulate=*/true);
+  ops::tune_linear(ctx, a.h, L.gate_up, a.gate_up);
+  ops::tune_linear(ctx, a.gate_up.slice(1, 0, I), L.down, a.x, /*accumulate=*/true);
   ctx.synchronize();
 }
 

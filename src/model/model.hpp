@@ -107,10 +107,10 @@ struct StepSlice {
 void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
              bool device_positions = false);
 
-// Plans every GEMM shape of a full-size step (all of a's rows) once, so that the first prompt
-// does not pay for it: on the GPU, linear times cuBLASLt's candidate algorithms for large GEMMs
-// when it first sees a shape. Runs one layer's projections on whatever a's buffers hold (a.x is
-// rewritten by the next forward) and waits for them.
+// Tunes the GEMMs of a full-size step (all of a's rows; ops::tune_linear) before any request, so
+// that prefill chunks run the fastest algorithms and no prompt pays for the timing. Runs one
+// layer's projections on whatever a's buffers hold (a.x is rewritten by the next forward) and
+// waits for them.
 void warm_up(Activations& a);
 
 // a.logits rows [0, m) = lm_head(final_norm(a.x rows set by set_logit_rows)), float32.

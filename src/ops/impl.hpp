@@ -45,6 +45,8 @@ int resolve_threads(int threads);  // 0 -> OMP_NUM_THREADS, else all cores
 namespace cuda {
 void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
             const TensorView& y, bool accumulate);
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate);
 void rms_norm(const Context& ctx, const TensorView& x, const TensorView& w, float eps,
               const TensorView& out);
 void rope(const Context& ctx, const TensorView& x, int64_t heads, const int32_t* positions,

@@ -101,6 +101,12 @@ struct LinearPart {
 void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
             const TensorView& y, bool accumulate = false);
 
+// linear, with its GEMM algorithms chosen by timing where that pays (GPU, GEMMs of 1024 rows and
+// more: cuBLASLt's candidates, a few hundred milliseconds per shape, once per process); later
+// calls of linear with the same views use that choice. linear itself never times anything.
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate = false);
+
 // out [n, H] = x * rsqrt(mean(x^2) + eps) * w, in float32, rounded once to out's dtype.
 // x float32 [n, H], w [H] (the weights' dtype).
 void rms_norm(const Context& ctx, const TensorView& x, const TensorView& w, float eps,

@@ -88,20 +88,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + int64_t(u) * kThreads;
       if (v >= vecs) break;
-      float xf[N][8];
+      float wf[R][8];
 #pragma unroll
-      for (int n = 0; n < N; ++n)
+      for (int r = 0; r < R; ++r) unpack8<T>(wv[u][r], wf[r]);
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
         // A plain load, not __ldg: x is written by the kernel before, which with PDL may still
         // run when this one starts (the non-coherent path assumes data read-only all along).
-        unpack8<T>(reinterpret_cast<const uint4*>(x + n * sx)[v], xf[n]);
+        float xf[8];
+        unpack8<T>(reinterpret_cast<const uint4*>(x + n * sx)[v], xf);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float wf[8];
-        unpack8<T>(wv[u][r], wf);
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int n = 0; n < N; ++n)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[r][n] = fmaf(wf[i], xf[n][i], acc[r][n]);
+          for (int i = 0; i < 8; ++i) acc[r][n] = fmaf(wf[r][i], xf[i], acc[r][n]);
       }
     }
   }

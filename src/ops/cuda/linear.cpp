@@ -9,9 +9,10 @@
 //
 // Each distinct GEMM (shapes, leading dimensions, dtypes, pointer alignments, accumulate, bias)
 // is planned once: descriptors, layouts and the algorithm go into a process-wide cache, so
-// repeated calls make no heuristic query. The algorithm of a GEMM of at least kTuneMinRows rows
-// is the fastest of the heuristic's candidates, timed at planning (a few hundred milliseconds,
-// once per process and shape); smaller ones take the heuristic's first choice.
+// repeated calls make no heuristic query. tune_linear (the engine's warm-up) times the heuristic's
+// candidates for a GEMM of at least kTuneMinRows rows and keeps the fastest (a few hundred
+// milliseconds, once per process and shape); linear alone takes the heuristic's first choice for
+// a shape it has not seen tuned, so no request pays for timing.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -78,6 +79,7 @@ struct Gemm {
   cublasLtMatmulAlgo_t algo{};
   std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's, best first
   bool bias_epilogue = false;
+  bool tuned = false;  // algo is the fastest candidate, timed (tune())
 
   Gemm() = default;
   Gemm(const Gemm&) = delete;
@@ -177,6 +179,7 @@ constexpr int64_t kTuneMinRows = 1024;
 
 void tune(Gemm& g, const GemmKey& k, const void* w, const void* x, const void* bias,
           cublasLtHandle_t handle, void* workspace, cudaStream_t stream) {
+  g.tuned = true;  // tried once, whatever happens below
   if (g.candidates.size() < 2 || k.n < kTuneMinRows || !env_flag_off("CCA_NO_GEMM_TUNING"))
     return;
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
@@ -234,10 +237,14 @@ std::mutex cache_mutex;
 std::map<GemmKey, std::unique_ptr<Gemm>> cache;
 constexpr size_t kMaxPlans = 4096;  // distinct shapes are few; a flood (many n) starts over
 
-const Gemm& plan_for(const GemmKey& k, const void* w, const void* x, const void* bias,
-                     cublasLtHandle_t handle, void* workspace, cudaStream_t stream) {
+// The plan of `k`, made on first use; with `tuning`, its algorithm timed (once) as well.
+Gemm& plan_for(const GemmKey& k, const void* w, const void* x, const void* bias,
+               cublasLtHandle_t handle, void* workspace, cudaStream_t stream, bool tuning) {
   auto it = cache.find(k);
-  if (it != cache.end()) return *it->second;
+  if (it != cache.end()) {
+    if (tuning && !it->second->tuned) tune(*it->second, k, w, x, bias, handle, workspace, stream);
+    return *it->second;
+  }
   std::unique_ptr<Gemm> g = plan(k, k.bias, bias, handle);
   if (!g && k.bias) g = plan(k, false, nullptr, handle);  // epilogue refused: bias by kernel
   if (!g)
@@ -245,7 +252,7 @@ const Gemm& plan_for(const GemmKey& k, const void* w, const void* x, const void*
                 std::to_string(k.workspace_bytes) + " bytes, alignments A " +
                 std::to_string(k.align_a) + ", B " + std::to_string(k.align_b) + ", D " +
                 std::to_string(k.align_d) + " bytes) for " + describe(k));
-  tune(*g, k, w, x, bias, handle, workspace, stream);
+  if (tuning) tune(*g, k, w, x, bias, handle, workspace, stream);
   if (cache.size() >= kMaxPlans) cache.clear();
   return *cache.emplace(k, std::move(g)).first->second;
 }
@@ -291,8 +298,9 @@ void check_args(const TensorView& x, std::span<const LinearPart> parts, const Te
 
 }  // namespace
 
-void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
-            const TensorView& y, bool accumulate) {
+namespace {
+void run_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                const TensorView& y, bool accumulate, bool tuning) {
   check_args(x, parts, y);
   const int64_t n = x.shape[0];
   if (n == 0) return;
@@ -332,7 +340,7 @@ void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart>
     {
       std::lock_guard<std::mutex> lock(cache_mutex);
       const Gemm& g = plan_for(k, part.w.data, x.data, part.b.data, handle, ctx.gemm_workspace(),
-                               stream);
+                               stream, tuning);
       if (g.bias_epilogue) {
         set_attr(g.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(part.b.data),
                  k);
@@ -345,6 +353,18 @@ void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart>
     }
     if (has_bias && !bias_done) launch_add_bias(yi, part.b.data, part.b.dtype, stream);
   }
+}
+
+}  // namespace
+
+void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+            const TensorView& y, bool accumulate) {
+  run_linear(ctx, x, parts, y, accumulate, /*tuning=*/false);
+}
+
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate) {
+  run_linear(ctx, x, parts, y, accumulate, /*tuning=*/true);
 }
 
 }  // namespace cca::ops::cuda
