@@ -170,8 +170,9 @@ void run_bench_attention(const BenchArgs& a) {
       // A broken kernel must not pass for a fast one: every value must be finite.
       auto check_finite = [&](const TensorView& t, const char* what) {
         for (int64_t i = 0, n = t.numel(); i < n; ++i)
-          check(std::isfinite(t.load(i)),
-                std::string("bench: ") + variant_name(kind) + " produced a non-finite " + what);
+          if (!std::isfinite(t.load(i)))
+            throw Error(std::string("bench: ") + variant_name(kind) + " produced a non-finite " +
+                        what);
       };
       const double t_ms = time_ms([&] { attn_fwd(p); });
       check_finite(out.view, "output");
