@@ -35,10 +35,10 @@ _ACTIVE_CACHES = weakref.WeakSet()  # CCACaches holding keys that an attention c
 def register(name="cca", **params):
     """Registers attention implementation `name` with `params` (variant, group, window, sinks,
     pool, pool_heads; defaults: DEFAULTS). Returns the name for attn_implementation=."""
+    settings = _check_params(dict(DEFAULTS), params, "cca.transformers.register")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    settings = _check_params(dict(DEFAULTS), params, "cca.transformers.register")
     _SETTINGS[name] = settings
     AttentionInterface.register(name, cca_attention_forward)
     AttentionMaskInterface.register(name, cca_mask)

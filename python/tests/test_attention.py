@@ -110,10 +110,9 @@ class AttentionForward(unittest.TestCase):
         b = cca.attention(q, k, v, group=2, window=4)
         self.assertTrue(torch.equal(a, b))
 
-    @unittest.skipIf(ON_CUDA, "CPU autocast")
     def test_autocast_runs_in_lower_precision(self):
-        q, k, v = make_qkv(1, 2, 2, 20, 16, torch.float32, seed=5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = make_qkv(1, 2, 2, 20, HEAD_DIMS[0], torch.float32, seed=5)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             out = cca.attention(q, k.to(torch.bfloat16), v, group=4, window=8)
         self.assertEqual(out.dtype, torch.bfloat16)
         ref = reference_attention(*(x.to(torch.bfloat16).double() for x in (q, k, v)),
