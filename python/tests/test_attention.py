@@ -22,7 +22,7 @@ ON_CUDA = DEVICE.type == "cuda"
 DTYPES = [torch.bfloat16, torch.float16] if ON_CUDA else [torch.float32, torch.bfloat16]
 HEAD_DIMS = [64, 128] if ON_CUDA else [16, 8]
 # max |x - ref| / max |ref| allowed, forward and gradients
-TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (4e-3, 1e-2)}
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 3e-2), torch.float16: (4e-3, 1e-2)}
 
 VARIANTS = [
     dict(variant="cca", group=4, window=8, pool="cca", pool_heads="kv"),
@@ -41,8 +41,24 @@ SHAPES = [  # B, Hq, Hkv, T
 ]
 
 
-def rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+def rel_err(x, ref, scale=None):
+    """max |x - ref| over max |ref| (or over `scale`, where ref may be ~0)."""
+    scale = ref.abs().max().clamp(min=1e-30) if scale is None else scale
+    return ((x.double() - ref).abs().max() / scale).item()
+
+
+def untie_groups(x, group):
+    """x with the positions of every complete group replaced by values that are distinct within
+    the group (multiples of 1/16 in [-2, 2), exact in every dtype): with ties, the gradient of a
+    max is a matter of choice, and implementations choose differently."""
+    B, H, T, D = x.shape
+    m = T // group
+    gen = torch.Generator().manual_seed(T * 31 + group)
+    idx = torch.rand(B, H, m, D, 64, generator=gen).argsort(dim=-1)[..., :group]  # distinct
+    vals = (idx.to(torch.float32) - 32) / 16  # [B, H, m, D, g]
+    x = x.clone()
+    x[:, :, : m * group] = vals.permute(0, 1, 2, 4, 3).reshape(B, H, m * group, D).to(x)
+    return x
 
 
 def make_qkv(B, Hq, Hkv, T, D, dtype, seed, layout="bhtd"):
@@ -120,37 +136,27 @@ class AttentionForward(unittest.TestCase):
         self.assertLessEqual(rel_err(out, ref), TOL[torch.bfloat16][0])
 
 
-def backward_unavailable():
-    """The reason this build has no attention backward (before issue 10 part 1 lands), or ''."""
-    q, k, v = make_qkv(1, 1, 1, 2, HEAD_DIMS[0], DTYPES[0], seed=0)
-    q.requires_grad_(True)
-    try:
-        cca.attention(q, k, v).sum().backward()
-    except cca.CcaError as e:
-        if "no attention backward yet" in str(e):
-            return str(e)
-        raise
-    return ""
-
-
-@unittest.skipIf(backward_unavailable(), backward_unavailable())
 class AttentionBackward(unittest.TestCase):
     def test_gradients_match_contract(self):
         for n, (params, (B, Hq, Hkv, T), D, dtype) in enumerate(cases()):
             layout = ["bhtd", "packed", "contiguous"][n % 3]
             with self.subTest(params=params, shape=(B, Hq, Hkv, T, D), dtype=dtype, layout=layout):
-                q, k, v = (x.detach().requires_grad_(True)
-                           for x in make_qkv(B, Hq, Hkv, T, D, dtype, seed=100 + n, layout=layout))
+                q, k, v = make_qkv(B, Hq, Hkv, T, D, dtype, seed=100 + n, layout=layout)
+                if params.get("pool") == "max":
+                    k, v = untie_groups(k, params["group"]), untie_groups(v, params["group"])
+                q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
                 dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(n)).to(
                     DEVICE, dtype)
                 cca.attention(q, k, v, **params).backward(dout)
                 q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
                 reference_attention(q64, k64, v64, **params).backward(dout.double())
+                # relative to the largest gradient: dq is ~0 where a query sees one key
+                scale = max(g.abs().max() for g in (q64.grad, k64.grad, v64.grad))
                 for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
                                         ("dv", v.grad, v64.grad)):
                     self.assertEqual(got.shape, want.shape, name)
                     self.assertEqual(got.dtype, dtype, name)
-                    self.assertLessEqual(rel_err(got, want), TOL[dtype][1], name)
+                    self.assertLessEqual(rel_err(got, want, scale), TOL[dtype][1], name)
 
     def test_gradient_through_sum_and_not_needed_inputs(self):
         # dout from .sum() has stride 0; k needs no gradient
