@@ -41,6 +41,7 @@ fi
 export CCA_LIBRARY="$PWD/$BUILD/libcca.so" PYTHONUNBUFFERED=1
 printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$DEPS_LD" "$PWD/$BUILD/cca" >"$WORK/cca"
 chmod +x "$WORK/cca"
+export CCA_CLI="$WORK/cca"  # python/tests/test_train_tiny.py compares with `cca logits`
 
 if has unit; then
   for dev in cuda cpu; do
