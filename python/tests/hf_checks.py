@@ -139,20 +139,22 @@ def forward_and_gradients(arch, args):
                                                                    args.dtype)
     for m in (ours, ref):
         m.train()  # gradients; dropout is 0
-    lo = ours(input_ids=ids, labels=ids)
-    lr_ = ref(input_ids=ids, labels=ids)
+    lo = ours(input_ids=ids, labels=ids, use_cache=False)
+    lr_ = ref(input_ids=ids, labels=ids, use_cache=False)
     lo.loss.backward()
     lr_.loss.backward()
     fwd = rel_err(lo.logits, lr_.logits)
-    tol_f, tol_g = (3e-2, 8e-2) if args.dtype != torch.float32 else (1e-4, 1e-3)
+    tol_f, tol_g = (3e-2, 5e-2) if args.dtype != torch.float32 else (1e-4, 1e-4)
     check(f"{arch} forward", lambda: (fwd <= tol_f, f"logits max rel err {fwd:.2e} "
                                                     f"(tol {tol_f:g}), loss {lo.loss.item():.4f} "
                                                     f"vs {lr_.loss.item():.4f}"))
-    worst = max((rel_err(p.grad, q.grad), n) for (n, p), q in
-                zip(ours.named_parameters(), ref.parameters()) if p.grad is not None)
-    check(f"{arch} gradients", lambda: (worst[0] <= tol_g, f"worst parameter gradient rel err "
-                                                           f"{worst[0]:.2e} ({worst[1]}, tol "
-                                                           f"{tol_g:g})"))
+    # ||g - g_ref|| / ||g_ref|| per parameter: robust to the 16-bit noise of single elements
+    worst = max((((p.grad.double() - q.grad.double()).norm() / q.grad.double().norm()).item(), n)
+                for (n, p), q in zip(ours.named_parameters(), ref.parameters())
+                if p.grad is not None)
+    check(f"{arch} gradients", lambda: (worst[0] <= tol_g, f"worst parameter gradient relative "
+                                                           f"norm error {worst[0]:.2e} "
+                                                           f"({worst[1]}, tol {tol_g:g})"))
 
 
 def train_lowers_loss(arch, args):
@@ -251,7 +253,7 @@ def compile_check(args):
 
     def loss_and_grad(fn):
         model.zero_grad()
-        loss = fn(input_ids=ids, labels=ids).loss
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
