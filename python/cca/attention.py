@@ -188,13 +188,20 @@ def _check_inputs(q, k, v):
         raise ValueError(f"cca.attention: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
+def _autocast_dtype(device_type):
+    """The dtype autocast runs `device_type` in, or None when autocast is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 def _autocast(q, k, v):
     """Under autocast, run in its lower-precision dtype, as scaled_dot_product_attention does."""
-    if q.is_cuda and torch.is_autocast_enabled():
-        dtype = torch.get_autocast_gpu_dtype()
-    elif not q.is_cuda and torch.is_autocast_cpu_enabled():
-        dtype = torch.get_autocast_cpu_dtype()
-    else:
+    dtype = _autocast_dtype(q.device.type)
+    if dtype is None:
         return q, k, v
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
