@@ -21,6 +21,8 @@ struct Case {
   std::string name;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 // Worst errors over the run, for the summary printed at the end of the suite.
 struct Worst {
   double max_abs = 0, rel_l2 = 0, lse_abs = 0, ratio = 0;  // ratio: worst error / its bound
@@ -175,10 +177,10 @@ class Consistency : public ::testing::TestWithParam<Case> {
  public:
   static void TearDownTestSuite() {
     std::printf("\nWorst errors against the float64 reference (oracle: ref, float32 storage):\n");
-    std::printf("%-18s %6s %12s %12s %12s %10s\n", "backend/dtype", "cases", "max_abs", "rel_l2",
+    std::printf("%-20s %6s %12s %12s %12s %10s\n", "backend/dtype", "cases", "max_abs", "rel_l2",
                 "lse_abs", "err/bound");
     for (const auto& [key, w] : worst_table())
-      std::printf("%-18s %6d %12.3e %12.3e %12.3e %10.3f\n", key.c_str(), w.cases, w.max_abs,
+      std::printf("%-20s %6d %12.3e %12.3e %12.3e %10.3f\n", key.c_str(), w.cases, w.max_abs,
                   w.rel_l2, w.lse_abs, w.ratio);
   }
 };
@@ -190,6 +192,118 @@ TEST_P(Consistency, MatchesRef) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, Consistency, ::testing::ValuesIn(make_grid()),
                          [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
+
+// ---- grad mode: attn_bwd against the reference's ---------------------------------------------
+// Oracle: ref forward and backward on float32 copies of the rounded inputs and output gradient
+// (float64 math, float32 gradients). Naive: ref forward and backward at the test dtype (inputs,
+// out, core tokens and gradients stored in the dtype). Each backend runs its own forward for out
+// and lse, then its backward into gradients of the test dtype and layout; the rule is the
+// forward's, err(backend) <= 2 err(naive) + floor, for dq, dk and dv separately.
+void check_grad_case(const Case& c, const std::vector<BackendKind>& backends, int& ran) {
+  Rng rng(seed_of("grad_" + c.name));
+  const Qkv in = make_qkv(c.B, c.T, c.Hq, c.Hkv, c.D, c.dtype, c.layout, rng);
+  const Layout out_layout = c.layout == Layout::packed ? Layout::contiguous : c.layout;
+  Tensor dout = alloc(c.dtype, {c.B, c.T, c.Hq, c.D}, out_layout);
+  fill_normal(dout.view, rng);
+
+  const Qkv in32{convert(in.q.view, DType::f32), convert(in.k.view, DType::f32),
+                 convert(in.v.view, DType::f32)};
+  const Tensor dout32 = convert(dout.view, DType::f32);
+  const AttnOut oracle_fwd = run_attn(BackendKind::ref, in32.q, in32.k, in32.v, c.variant);
+  const Qkv oracle =
+      run_attn_bwd(BackendKind::ref, in32, oracle_fwd, dout32, c.variant, DType::f32);
+  const Tensor* want[3] = {&oracle.q, &oracle.k, &oracle.v};
+  const char* names[3] = {"dq", "dk", "dv"};
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(fully_written(*want[i])) << "ref " << names[i];
+
+  // With T = 1 each query sees only itself: a softmax over one key has zero derivative, so dq
+  // and dk are 0 up to rounding noise and only their max_abs is checked.
+  const ConsistencyTolerance tol = grad_tolerance(c.dtype);
+  Bound bound[3], cap[3];
+  for (int i = 0; i < 3; ++i) {
+    const double no_rel = c.T == 1 && i < 2 ? INFINITY : 0;
+    bound[i] = {tol.floor.max_abs, std::max(tol.floor.rel_l2, no_rel)};
+    cap[i] = {tol.naive_cap.max_abs, std::max(tol.naive_cap.rel_l2, no_rel)};
+  }
+  if (c.dtype != DType::f32) {
+    const AttnOut fwd = run_attn(BackendKind::ref, in.q, in.k, in.v, c.variant);
+    const Qkv naive = run_attn_bwd(BackendKind::ref, in, fwd, dout, c.variant, c.dtype);
+    const Tensor* got[3] = {&naive.q, &naive.k, &naive.v};
+    for (int i = 0; i < 3; ++i) {
+      const Diff d = diff(got[i]->view, want[i]->view);
+      EXPECT_LE(d.max_abs, cap[i].max_abs) << "ref " << names[i] << " in " << dtype_name(c.dtype);
+      EXPECT_LE(d.rel_l2, cap[i].rel_l2) << "ref " << names[i] << " in " << dtype_name(c.dtype);
+      bound[i] = {kNaiveFactor * d.max_abs + bound[i].max_abs,
+                  kNaiveFactor * d.rel_l2 + bound[i].rel_l2};
+      if (c.T > 1) record(std::string("grad ref(naive)/") + dtype_tag(c.dtype), d, Diff{}, 0);
+    }
+  }
+
+  for (BackendKind be : backends) {
+    if (be == BackendKind::ref) continue;
+    SCOPED_TRACE(std::string("backend ") + backend_name(be));
+    const std::string why = get_backend(be, device_of(be)).unsupported_bwd(AttendBwdProblem{});
+    if (!why.empty()) {
+      std::printf("[ note     ] %s: %s does not run this case: %s\n", c.name.c_str(),
+                  backend_name(be), why.c_str());
+      continue;
+    }
+    const AttnOut fwd = run_attn(be, in.q, in.k, in.v, c.variant, out_layout, c.threads);
+    const Qkv grads = run_attn_bwd(be, in, fwd, dout, c.variant, c.dtype, c.layout, c.threads);
+    ++ran;
+    const Tensor* got[3] = {&grads.q, &grads.k, &grads.v};
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(fully_written(*got[i])) << names[i];
+      expect_close(got[i]->view, want[i]->view, bound[i].max_abs, bound[i].rel_l2, names[i]);
+      const Diff d = diff(got[i]->view, want[i]->view);
+      if (c.T > 1)
+        record(std::string("grad ") + backend_name(be) + "/" + dtype_tag(c.dtype), d, Diff{},
+               std::max(d.max_abs / bound[i].max_abs, d.rel_l2 / bound[i].rel_l2));
+    }
+  }
+}
+
+// The forward's grid (every variant, pool and pool_heads, odd T, T below s, g not dividing s,
+// GQA, batch 2, every dtype and layout), one test per variant configuration (30) rather than per
+// case: each test is a process under ctest, and the cases are small.
+struct GradGroup {
+  std::string name;
+  std::vector<Case> cases;
+};
+void PrintTo(const GradGroup& g, std::ostream* os) { *os << g.name; }
+
+std::vector<GradGroup> make_grad_groups() {
+  std::vector<GradGroup> groups;
+  for (const Case& c : make_grid()) {
+    VariantSpec unscaled = c.variant;
+    unscaled.scale = NAN;
+    const std::string key = variant_tag(unscaled);
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const GradGroup& g) { return g.name == key; });
+    if (it == groups.end()) it = groups.insert(groups.end(), GradGroup{key, {}});
+    it->cases.push_back(c);
+  }
+  return groups;
+}
+
+class ConsistencyGrad : public ::testing::TestWithParam<GradGroup> {
+ public:
+  static void TearDownTestSuite() { Consistency::TearDownTestSuite(); }
+};
+
+TEST_P(ConsistencyGrad, MatchesRef) {
+  for (const Case& c : GetParam().cases) {
+    SCOPED_TRACE(c.name);
+    int ran = 0;
+    check_grad_case(c, available_backends(), ran);
+    EXPECT_GT(ran, 0) << "no backend other than ref ran the backward";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, ConsistencyGrad, ::testing::ValuesIn(make_grad_groups()),
+                         [](const ::testing::TestParamInfo<GradGroup>& info) {
                            return info.param.name;
                          });
 
