@@ -10,7 +10,8 @@
 #           "cca" against the contract in PyTorch, training steps, CCACache decode and
 #           generate, error cases, torch.compile of the model, then python -m cca.finetune end
 #           to end and `cca logits` / `cca generate` on its output
-#   STAGES="build unit hf" (default); HF_ONLY=forward,decode,... limits hf_checks.
+#   STAGES="build unit hf" (default); HF_ONLY=forward,decode,... limits hf_checks. Each stage
+#   fits a 10-minute call: STAGES=build, then STAGES=unit, then STAGES=hf (build-gpu is kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_python}
@@ -46,7 +47,7 @@ export CCA_CLI="$WORK/cca"  # python/tests/test_train_tiny.py compares with `cca
 if has unit; then
   for dev in cuda cpu; do
     echo "== python/tests on $dev tensors"
-    LD_LIBRARY_PATH=$ORIG_LD CCA_TEST_DEVICE=$dev timeout ${UNIT_TIMEOUT:-420} \
+    LD_LIBRARY_PATH=$ORIG_LD CCA_TEST_DEVICE=$dev timeout ${UNIT_TIMEOUT:-280} \
       python3 python/tests/run.py >"$OUT/unit-$dev.log" 2>&1
     rc=$?
     ran=$(grep -E "^Ran [0-9]+ tests" "$OUT/unit-$dev.log" | tail -1)
@@ -58,7 +59,7 @@ fi
 
 if has hf; then
   echo "== transformers integration and cca.finetune"
-  LD_LIBRARY_PATH=$ORIG_LD timeout ${HF_TIMEOUT:-1500} python3 python/tests/hf_checks.py \
+  LD_LIBRARY_PATH=$ORIG_LD timeout ${HF_TIMEOUT:-560} python3 python/tests/hf_checks.py \
     --device cuda --work "$WORK/hf" --cca "$WORK/cca" --only "${HF_ONLY:-}" \
     >"$OUT/hf.log" 2>&1
   rc=$?
