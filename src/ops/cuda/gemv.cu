@@ -13,6 +13,7 @@
 
 #include "attn/cuda/cuda_check.hpp"
 #include "attn/cuda/pdl.cuh"
+#include "ops/cuda/elem.cuh"
 #include "ops/cuda/kernels.hpp"
 
 namespace cca::ops::cuda {
@@ -22,20 +23,6 @@ using ::cca::cuda::pdl_wait_and_release;
 namespace {
 
 constexpr int kThreads = 256, kRowsPerBlock = 4, kUnroll = 2;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Eight 16-bit values as floats.
 template <typename T>

@@ -9,6 +9,7 @@
 
 #include "attn/cuda/cuda_check.hpp"
 #include "attn/cuda/pdl.cuh"
+#include "ops/cuda/elem.cuh"
 #include "ops/cuda/kernels.hpp"
 
 namespace cca::ops::cuda {
@@ -20,26 +21,6 @@ namespace {
 constexpr int kThreads = 256;         // elementwise kernels and rms_norm
 constexpr int kArgmaxThreads = 1024;  // one block per (long) vocabulary row
 constexpr unsigned kMaxGridY = 65535;
-
-// ---- element types --------------------------------------------------------------------------
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Calls f(Tag<T>{}) with T the device type of `dtype`.
 template <typename T>
