@@ -6,22 +6,12 @@
 #include <map>
 
 #include "backend.hpp"
+#include "consistency.hpp"
 #include "test_util.hpp"
 #include "tolerance.hpp"
 
 namespace cca::test {
 namespace {
-
-struct Case {
-  VariantSpec variant;
-  int64_t B, T, Hq, Hkv, D;
-  DType dtype;
-  Layout layout;
-  int threads;
-  std::string name;
-};
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 // Worst errors over the run, for the summary printed at the end of the suite.
 struct Worst {
@@ -41,6 +31,8 @@ void record(const std::string& key, const Diff& out, const Diff& lse, double rat
   ++w.cases;
 }
 
+}  // namespace
+
 std::string case_name(const Case& c) {
   std::ostringstream name;
   name << variant_tag(c.variant) << "_B" << c.B << "_T" << c.T << "_Hq" << c.Hq << "_Hkv" << c.Hkv
@@ -48,6 +40,8 @@ std::string case_name(const Case& c) {
        << c.threads;
   return name.str();
 }
+
+namespace {
 
 // The grid, in three parts.
 // 1. Short: the risky axes (variant incl. pool/pool_heads, T, dtype) crossed in full for two
@@ -120,6 +114,23 @@ std::string unsupported(BackendKind be, const Qkv& in, const VariantSpec& varian
   return get_backend(be, dev).unsupported(a);
 }
 
+// The same for the backward: the inputs' dtype, shapes and device, the variant and scale.
+std::string unsupported_bwd(BackendKind be, const Qkv& in, const Tensor& dout,
+                            const VariantSpec& variant) {
+  const Device dev = device_of(be);
+  const OnDevice q(in.q, dev), k(in.k, dev), v(in.v, dev), g(dout, dev);
+  AttendBwdProblem a;
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.out = a.dout = g.view();
+  a.variant = variant;
+  a.scale = variant.scale_for(in.q.view.shape[3]);
+  return get_backend(be, dev).unsupported_bwd(a);
+}
+
+}  // namespace
+
 // Runs case `c` on every backend in `backends` and checks each against the reference; counts
 // the backends that ran it in `ran`.
 void check_case(const Case& c, const std::vector<BackendKind>& backends, int& ran) {
@@ -173,6 +184,8 @@ void check_case(const Case& c, const std::vector<BackendKind>& backends, int& ra
   }
 }
 
+namespace {
+
 class Consistency : public ::testing::TestWithParam<Case> {
  public:
   static void TearDownTestSuite() {
@@ -194,6 +207,8 @@ INSTANTIATE_TEST_SUITE_P(Grid, Consistency, ::testing::ValuesIn(make_grid()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return info.param.name;
                          });
+
+}  // namespace
 
 // ---- grad mode: attn_bwd against the reference's ---------------------------------------------
 // Oracle: ref forward and backward on float32 copies of the rounded inputs and output gradient
@@ -244,7 +259,7 @@ void check_grad_case(const Case& c, const std::vector<BackendKind>& backends, in
   for (BackendKind be : backends) {
     if (be == BackendKind::ref) continue;
     SCOPED_TRACE(std::string("backend ") + backend_name(be));
-    const std::string why = get_backend(be, device_of(be)).unsupported_bwd(AttendBwdProblem{});
+    const std::string why = unsupported_bwd(be, in, dout, c.variant);
     if (!why.empty()) {
       std::printf("[ note     ] %s: %s does not run this case: %s\n", c.name.c_str(),
                   backend_name(be), why.c_str());
@@ -264,6 +279,8 @@ void check_grad_case(const Case& c, const std::vector<BackendKind>& backends, in
     }
   }
 }
+
+namespace {
 
 // The forward's grid (every variant, pool and pool_heads, odd T, T below s, g not dividing s,
 // GQA, batch 2, every dtype and layout), one test per variant configuration (30) rather than per
@@ -391,6 +408,22 @@ TEST(ConsistencyCuda, MatchesRef) {
     documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
   }
   EXPECT_GE(ran, documented) << "cuda declined cases it documents as supported";
+  EXPECT_GT(ran, 0);
+}
+
+// The same for grad mode: every 5th grid case's backward on cuda alone, and cuda must run the
+// cases of its documented support (float16/bfloat16, D 64 or 128; docs/cuda.md).
+TEST(ConsistencyCuda, GradMatchesRef) {
+  const std::string why = backend_unavailable_reason(BackendKind::cuda);
+  if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
+  const std::vector<Case> grid = make_grid();
+  int ran = 0, documented = 0;
+  for (size_t i = 0; i < grid.size(); i += 5) {
+    SCOPED_TRACE(grid[i].name);
+    check_grad_case(grid[i], {BackendKind::cuda}, ran);
+    documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
+  }
+  EXPECT_GE(ran, documented) << "cuda declined backward cases it documents as supported";
   EXPECT_GT(ran, 0);
 }
 

@@ -3,7 +3,9 @@
 // counted with the same policy (visible_keys) the kernels use, so masked-out work never counts.
 // cca times include pooling (attn_fwd pools, then attends). With --bwd it also times attn_bwd
 // (pooling recomputed and differentiated included), whose useful FLOPs count as 2.5x the
-// forward's (the convention of FlashAttention's benchmarks: 5 matrix products against 2).
+// forward's (the convention of FlashAttention's benchmarks: 5 matrix products against 2). With
+// --backend cuda the inputs are copied to the GPU once and every timed call ends with a device
+// synchronisation, so the times are the calls' whole cost (workspace allocation included).
 #include <time.h>
 
 #include <CLI/CLI.hpp>
@@ -18,6 +20,7 @@
 
 #include "backend.hpp"
 #include "cca/cca.hpp"
+#include "cca/device.hpp"
 #include "commands.hpp"
 #include "variant_flags.hpp"
 
@@ -49,13 +52,15 @@ double useful_flops(const VariantSpec& v, int64_t B, int64_t T, int64_t Hq, int6
   return 4.0 * double(D) * double(Hq) * double(B) * pairs;
 }
 
-// A [B, T, H, D] tensor of uniform values in [-1, 1), never all zeros; `seed` picks the stream.
+// A [B, T, H, D] tensor of uniform values in [-1, 1), never all zeros; `seed` picks the stream
+// (seed 0: zeros, for outputs).
 struct RandomTensor {
   std::vector<char> bytes;
   TensorView view;
   RandomTensor(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, uint64_t seed) {
     bytes.resize(size_t(B * T * H * D * dtype_size(dt)));
     view = make_view(bytes.data(), dt, {B, T, H, D});
+    if (seed == 0) return;
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     const int64_t n = view.numel();
     for (int64_t i = 0; i < n; ++i) {  // splitmix64: fast, and plenty for benchmark inputs
@@ -65,6 +70,26 @@ struct RandomTensor {
       z ^= z >> 31;
       view.store(i, float(double(z >> 40) * 0x1.0p-23 - 1.0));
     }
+  }
+};
+
+// A RandomTensor where the backend reads it: the host tensor itself, or a copy in GPU memory.
+struct BenchTensor {
+  RandomTensor host;
+  std::shared_ptr<void> gpu;
+  TensorView view;
+  BenchTensor(RandomTensor h, bool on_gpu) : host(std::move(h)), view(host.view) {
+    if (!on_gpu) return;
+    const int64_t bytes = int64_t(host.bytes.size());
+    gpu = std::shared_ptr<void>(device_alloc(bytes), [](void* p) { device_free(p); });
+    copy_to_device(gpu.get(), host.bytes.data(), bytes);
+    view.data = gpu.get();
+    view.device = Device::cuda;
+  }
+  // The current values on the host (copied back from the GPU where they live there).
+  const TensorView& fetch() {
+    if (gpu) copy_to_host(host.bytes.data(), gpu.get(), int64_t(host.bytes.size()));
+    return host.view;
   }
 };
 
@@ -105,10 +130,7 @@ void run_bench_attention(const BenchArgs& a) {
   for (VariantKind k : kinds) a.spec_for(k);  // validates
   const std::string why = backend_unavailable_reason(backend);
   check(why.empty(), std::string("backend ") + backend_name(backend) + " unavailable: " + why);
-  // Inputs live in host memory; the backend interface has no host-to-device copy yet.
-  check(backend != BackendKind::cuda,
-        "bench attention --backend cuda is not supported yet: the benchmark's inputs are in host "
-        "memory");
+  const bool gpu = backend == BackendKind::cuda;
 
   if (!a.json) {
     std::printf(
@@ -127,17 +149,21 @@ void run_bench_attention(const BenchArgs& a) {
                   "speedup_vs_full", "cores_busy");
   }
   for (int64_t T : a.t_list) {
-    RandomTensor q(dt, a.batch, T, a.heads, a.dim, 1), k(dt, a.batch, T, a.kv_heads, a.dim, 2),
-        v(dt, a.batch, T, a.kv_heads, a.dim, 3), out(dt, a.batch, T, a.heads, a.dim, 4);
+    auto tensor = [&](DType t, int64_t H, uint64_t seed) {
+      return BenchTensor(RandomTensor(t, a.batch, T, H, a.dim, seed), gpu);
+    };
+    BenchTensor q = tensor(dt, a.heads, 1), k = tensor(dt, a.kv_heads, 2),
+                v = tensor(dt, a.kv_heads, 3), out = tensor(dt, a.heads, 0);
     // Backward only: the forward's LSE, an output gradient and the input gradients.
-    std::unique_ptr<RandomTensor> lse, dout, dq, dk, dv;
+    std::unique_ptr<BenchTensor> lse, dout, dq, dk, dv;
     if (a.bwd) {
-      lse = std::make_unique<RandomTensor>(DType::f32, 1, a.batch, a.heads, T, 5);
-      lse->view = make_view(lse->bytes.data(), DType::f32, {a.batch, a.heads, T});
-      dout = std::make_unique<RandomTensor>(dt, a.batch, T, a.heads, a.dim, 6);
-      dq = std::make_unique<RandomTensor>(dt, a.batch, T, a.heads, a.dim, 7);
-      dk = std::make_unique<RandomTensor>(dt, a.batch, T, a.kv_heads, a.dim, 8);
-      dv = std::make_unique<RandomTensor>(dt, a.batch, T, a.kv_heads, a.dim, 9);
+      RandomTensor l(DType::f32, 1, a.batch, a.heads, T, 0);
+      l.view = make_view(l.bytes.data(), DType::f32, {a.batch, a.heads, T});
+      lse = std::make_unique<BenchTensor>(std::move(l), gpu);
+      dout = std::make_unique<BenchTensor>(tensor(dt, a.heads, 6));
+      dq = std::make_unique<BenchTensor>(tensor(dt, a.heads, 0));
+      dk = std::make_unique<BenchTensor>(tensor(dt, a.kv_heads, 0));
+      dv = std::make_unique<BenchTensor>(tensor(dt, a.kv_heads, 0));
     }
     double full_ms = NAN;
     for (VariantKind kind : kinds) {
@@ -158,6 +184,7 @@ void run_bench_attention(const BenchArgs& a) {
           const double c0 = process_cpu_seconds();
           const auto t0 = std::chrono::steady_clock::now();
           f();
+          if (gpu) device_synchronize();
           const auto t1 = std::chrono::steady_clock::now();
           const double c1 = process_cpu_seconds();
           if (rep == 0) continue;
@@ -168,14 +195,15 @@ void run_bench_attention(const BenchArgs& a) {
         return median(ms);
       };
       // A broken kernel must not pass for a fast one: every value must be finite.
-      auto check_finite = [&](const TensorView& t, const char* what) {
+      auto check_finite = [&](BenchTensor& x, const char* what) {
+        const TensorView& t = x.fetch();
         for (int64_t i = 0, n = t.numel(); i < n; ++i)
           if (!std::isfinite(t.load(i)))
             throw Error(std::string("bench: ") + variant_name(kind) + " produced a non-finite " +
                         what);
       };
       const double t_ms = time_ms([&] { attn_fwd(p); });
-      check_finite(out.view, "output");
+      check_finite(out, "output");
       double bwd_ms = NAN;
       if (a.bwd) {
         AttnBwdParams bp;
@@ -191,7 +219,7 @@ void run_bench_attention(const BenchArgs& a) {
         bp.variant = p.variant;
         bp.run = p.run;
         bwd_ms = time_ms([&] { attn_bwd(bp); });
-        for (const TensorView& g : {dq->view, dk->view, dv->view}) check_finite(g, "gradient");
+        for (BenchTensor* g : {dq.get(), dk.get(), dv.get()}) check_finite(*g, "gradient");
       }
       // Cores busy on average: below the thread count means the threads waited for the CPU
       // (other processes on the machine), so the time is not a clean measurement.

@@ -99,7 +99,7 @@ void Backend::copy_tensor(const TensorView& dst, const TensorView& src, void*) c
 
 std::string Backend::unsupported_bwd(const AttendBwdProblem&) const {
   return std::string("the ") + backend_name(kind()) +
-         " backend has no backward yet (attn_bwd runs on the ref and cpu backends)";
+         " backend has no backward (attn_bwd runs on the ref, cpu and cuda backends)";
 }
 void Backend::attend_bwd_delta(const AttendBwdProblem& p) const { throw Error(unsupported_bwd(p)); }
 void Backend::attend_bwd(const AttendBwdProblem& p) const { throw Error(unsupported_bwd(p)); }

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "cuda_check.hpp"
+#include "device_utils.cuh"
 #include "pdl.cuh"
 #include "kernels.hpp"
 
@@ -31,6 +32,18 @@ __global__ void copy_tensor_kernel(E* dst, const E* src, CopyArgs c) {
   }
 }
 
+// dst = src rounded to nearest, float32 into a 16-bit dtype (attn_bwd's gradients).
+template <typename E>
+__global__ void round_tensor_kernel(E* dst, const float* src, CopyArgs c) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = i % c.n3, rest = i / c.n3, h = rest % c.n2, rest2 = rest / c.n2;
+    const int64_t t = rest2 % c.n1, b = rest2 / c.n1;
+    dst[b * c.ds[0] + t * c.ds[1] + h * c.ds[2] + d] =
+        from_float<E>(src[b * c.ss[0] + t * c.ss[1] + h * c.ss[2] + d]);
+  }
+}
+
 }  // namespace
 
 bool rows_aligned_16(const TensorView& t) {
@@ -49,7 +62,10 @@ struct Unit {
 
 void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* pos, int64_t pos0,
                  cudaStream_t stream) {
-  check(dst.dtype == src.dtype, "copy_tensor: dtype mismatch");
+  const bool rounds = src.dtype == DType::f32 && dst.dtype != DType::f32;
+  check(dst.dtype == src.dtype || (rounds && !pos),
+        std::string("copy_tensor: cannot copy ") + dtype_name(src.dtype) + " into " +
+            dtype_name(dst.dtype));
   for (int i = 0; i < 4; ++i)
     check(i == 1 ? dst.shape[i] >= src.shape[i] : dst.shape[i] == src.shape[i],
           "copy_tensor: shape " + dst.shape_string() + " vs " + src.shape_string());
@@ -64,6 +80,17 @@ void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* po
   for (int i = 0; i < 3; ++i) {
     c.ds[i] = dst.stride[i];
     c.ss[i] = src.stride[i];
+  }
+  if (rounds) {  // float32 gradients into 16-bit ones, element by element
+    const unsigned blocks = unsigned(std::min<int64_t>((c.total + 255) / 256, 65535));
+    if (dst.dtype == DType::bf16)
+      round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(dst.data),
+                                                      static_cast<const float*>(src.data), c);
+    else
+      round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__half*>(dst.data),
+                                                      static_cast<const float*>(src.data), c);
+    CCA_CUDA_CHECK_LAUNCH("round_tensor_kernel");
+    return;
   }
   // Rows of 16-byte multiples at 16-byte aligned addresses move in 16-byte units: 8x fewer
   // index computations than per 2-byte element (the chunk appends of a prefill are ~30 MB).

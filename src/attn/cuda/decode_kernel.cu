@@ -51,11 +51,6 @@ __device__ __forceinline__ int find_problem(const DecodeBatch<kCap>& d, int64_t 
   return i;
 }
 
-template <int D>
-__device__ __forceinline__ int dswz(int r, int c) {  // as the tile kernel: conflict-free ldmatrix
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 template <typename X>
 __device__ __forceinline__ X sel3(int s, X x0, X x1, X x2) {  // no run-time-indexed arrays
   return s == 0 ? x0 : (s == 1 ? x1 : x2);
@@ -127,7 +122,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
     const int r = i / kChunks, c = i % kChunks;
     const bool ok = r < R;
     const int64_t src = ok ? b * a.q_sb + (r / G) * a.q_st + (h0 + r % G) * a.q_sh + c * 8 : 0;
-    cp_async_16(smem_addr(sQ + dswz<D>(r, c)), q + src, ok);
+    cp_async_16(smem_addr(sQ + swz<D>(r, c)), q + src, ok);
   }
   cp_async_commit();
 
@@ -164,8 +159,8 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
       const int64_t pos = ok ? v + sel3(s, delta[0], delta[1], delta[2]) : 0;
       const T* kp = ok ? sel3(s, kb[0], kb[1], kb[2]) + pos * sel3(s, kst[0], kst[1], kst[2]) : q;
       const T* vp = ok ? sel3(s, vb[0], vb[1], vb[2]) + pos * sel3(s, vst[0], vst[1], vst[2]) : q;
-      cp_async_16(smem_addr(dK + dswz<D>(r, lc)), kp, ok);
-      cp_async_16(smem_addr(dV + dswz<D>(r, lc)), vp, ok);
+      cp_async_16(smem_addr(dK + swz<D>(r, lc)), kp, ok);
+      cp_async_16(smem_addr(dV + swz<D>(r, lc)), vp, ok);
     }
   };
 #pragma unroll
@@ -178,7 +173,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], smem_addr(sQ + dswz<D>(lane & 15, 2 * kk + (lane >> 4))));
+    ldmatrix_x4(qf[kk], smem_addr(sQ + swz<D>(lane & 15, 2 * kk + (lane >> 4))));
 
   // This thread's accumulator rows ra, rb = ra + 8 (rows >= R compute on zero queries and are
   // never stored; their range lookups use the last real row).
@@ -202,7 +197,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kf[4];
-      ldmatrix_x4(kf, smem_addr(cK + dswz<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
+      ldmatrix_x4(kf, smem_addr(cK + swz<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
                                              2 * kk + ((lane >> 3) & 1))));
       mma_16816<T>(sc[0], qf[kk], kf[0], kf[1]);
       mma_16816<T>(sc[1], qf[kk], kf[2], kf[3]);
@@ -235,7 +230,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t vf4[4];
       const int vr = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      ldmatrix_x4_trans(vf4, smem_addr(cV + dswz<D>(vr, 2 * dp + (lane >> 4))));
+      ldmatrix_x4_trans(vf4, smem_addr(cV + swz<D>(vr, 2 * dp + (lane >> 4))));
       mma_16816<T>(acc[2 * dp], pf, vf4[0], vf4[1]);
       mma_16816<T>(acc[2 * dp + 1], pf, vf4[2], vf4[3]);
     }
