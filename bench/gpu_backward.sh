@@ -22,6 +22,7 @@ T_LIST=${T_LIST:-8192,16384,32768,65536,131072}
 HEADS=${HEADS:-"32:32 32:8"}
 
 source bench/deps_env.sh
+export CCA_CUDA_BACKWARD=1  # the kernels under validation (cuda_backend.cpp refuses them otherwise)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/gpu.txt"
 

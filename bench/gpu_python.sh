@@ -40,6 +40,7 @@ fi
 
 # Python runs with the library path it had before the carried .debs; the cca CLI with them.
 export CCA_LIBRARY="$PWD/$BUILD/libcca.so" PYTHONUNBUFFERED=1
+export CCA_CUDA_BACKWARD=1  # the cuda backward is opt-in until bench/gpu_backward.sh validates it
 printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$DEPS_LD" "$PWD/$BUILD/cca" >"$WORK/cca"
 chmod +x "$WORK/cca"
 export CCA_CLI="$WORK/cca"  # python/tests/test_train_tiny.py compares with `cca logits`
