@@ -25,8 +25,7 @@ struct LogitsArgs {
 
 void run_logits(const LogitsArgs& a) {
   check(a.rows >= 0, "invalid --rows " + std::to_string(a.rows) + ": must be >= 0 (0 = all)");
-  check_outputs_distinct({{"--ids", a.ids_file}, {"--model", a.run.model}}, {{"--out", a.out}});
-  check_output_dir(a.out);
+  check_outputs({{"--ids", a.ids_file}, {"--model", a.run.model}}, {{"--out", a.out}});
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   const model::TokenIds ids =
       engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
