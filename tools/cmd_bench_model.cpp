@@ -24,6 +24,7 @@
 #include "cca/attention.hpp"
 #include "cca/error.hpp"
 #include "commands.hpp"
+#include "flag_limits.hpp"
 #include "output_path.hpp"
 #include "variant_flags.hpp"
 #include "model/random_model.hpp"
@@ -84,6 +85,7 @@ ChildResult run_child(const std::vector<std::string>& args, const std::string& e
 
 void run_bench_model(const BenchModelArgs& a) {
   check(a.prompt >= 1 && a.gen >= 1 && a.repeat >= 1, "--prompt, -n and --repeat must be >= 1");
+  check_threads_flag(a.threads);
   if (!a.save_model.empty()) check_new_output_dir({"--save-model", a.save_model});
   char tmpl[] = "/tmp/cca-bench-model-XXXXXX";
   check(::mkdtemp(tmpl) != nullptr, "cannot create a temporary directory");

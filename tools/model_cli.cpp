@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "cca/error.hpp"
+#include "flag_limits.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace cca {
@@ -17,8 +18,7 @@ std::optional<DType> parse_dtype_flag(const std::string& s, const std::string& f
 }
 
 engine::EngineOptions ModelRunFlags::engine_options(int64_t plan_tokens, int64_t batch) const {
-  check(threads >= 0, "invalid --threads " + std::to_string(threads) + ": must be >= 0 (0 = all)");
-  check(threads <= 4096, "invalid --threads " + std::to_string(threads) + ": at most 4096");
+  check_threads_flag(threads);
   check(chunk >= 0, "invalid --chunk " + std::to_string(chunk) + ": must be >= 1");
   engine::EngineOptions o;
   o.device = engine::parse_device_choice(device);
