@@ -28,7 +28,7 @@ void run_logits(const LogitsArgs& a) {
   check_outputs({{"--ids", a.ids_file}, {"--model", a.run.model}}, {{"--out", a.out}});
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   const model::TokenIds ids =
-      engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
+      engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file, cfg.vocab_size);
   engine::check_prompt_length(int64_t(ids.size()), a.run.context_limit(cfg), cfg);
   const int64_t n = int64_t(ids.size()), keep = a.rows > 0 ? std::min(a.rows, n) : n;
   const int64_t V = cfg.vocab_size;

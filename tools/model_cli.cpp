@@ -78,13 +78,20 @@ TextTokenizer::TextTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 TextTokenizer::~TextTokenizer() = default;
 
 std::unique_ptr<TextTokenizer> TextTokenizer::load(const std::string& model_dir,
-                                                   const std::string& why_needed) {
+                                                   const std::string& why_needed,
+                                                   int64_t model_vocab) {
   const std::string path = (std::filesystem::path(model_dir) / "tokenizer.json").string();
   std::error_code ec;
-  check(std::filesystem::is_regular_file(path, ec),
+  check(std::filesystem::exists(path, ec),
         "tokenizer.json not found in " + model_dir + " (" + why_needed + ")");
-  return std::unique_ptr<TextTokenizer>(
-      new TextTokenizer(std::make_unique<Impl>(Impl{tok::Tokenizer::from_file(path)})));
+  tok::Tokenizer t = tok::Tokenizer::from_file(path);
+  // Fewer tokens than the model's vocabulary is common (embeddings padded to a multiple of 64);
+  // more means the tokenizer belongs to another model.
+  check(model_vocab <= 0 || t.vocab_size() <= model_vocab,
+        path + " has token ids up to " + std::to_string(t.vocab_size() - 1) +
+            " but config.json's vocab_size is " + std::to_string(model_vocab) +
+            ": the tokenizer does not belong to this model");
+  return std::unique_ptr<TextTokenizer>(new TextTokenizer(std::make_unique<Impl>(Impl{t})));
 }
 
 model::TokenIds TextTokenizer::encode(const std::string& text, bool add_special) const {
@@ -96,6 +103,8 @@ std::string TextTokenizer::decode(const model::TokenIds& ids, bool skip_special)
 }
 
 int32_t TextTokenizer::eos_id() const { return impl_->tok.eos_id().value_or(-1); }
+
+bool TextTokenizer::has_token(int32_t id) const { return impl_->tok.has_token(id); }
 
 std::string read_input_file(const std::string& path, const std::string& flag) {
   std::error_code ec;
