@@ -118,6 +118,8 @@ class HeaderParser {
       skip_ws();
       if (peek() == ')') break;
       if (peek() < '0' || peek() > '9') fail("shape must be a tuple of non-negative integers");
+      if (dims.size() == kMaxDims)
+        fail("shape has more than " + std::to_string(kMaxDims) + " dimensions (NumPy's limit)");
       int64_t d = 0;
       while (peek() >= '0' && peek() <= '9') {
         if (d > (INT64_MAX - 9) / 10) fail("shape dimension too large");
@@ -172,7 +174,8 @@ int64_t NpyArray::numel() const {
   return n;
 }
 
-std::string NpyArray::shape_string() const { return dims_string(shape); }
+// Short even for a 64-dimensional shape: it appears in error messages.
+std::string NpyArray::shape_string() const { return model::excerpt(dims_string(shape), 120); }
 
 TensorView NpyArray::view() {
   check(!shape.empty() && shape.size() <= 4,
@@ -320,17 +323,6 @@ std::vector<std::byte> encode_npy(const TensorView& t) {
 void write_npy(const std::string& path, const TensorView& t) {
   model::PendingFile f(path, encode_npy(t));
   f.commit();
-}
-
-void check_output_dir(const std::string& path) {
-  namespace fs = std::filesystem;
-  check(!path.empty(), "output path is empty");
-  std::error_code ec;
-  fs::path p(path);
-  check(!fs::is_directory(p, ec), "cannot write '" + path + "': it is a directory");
-  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  check(fs::is_directory(dir, ec),
-        "cannot write '" + path + "': directory '" + dir.string() + "' does not exist");
 }
 
 }  // namespace cca
