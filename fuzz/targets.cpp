@@ -27,16 +27,23 @@ void expect(bool ok, const char* what) {
   if (!ok) broken(what);
 }
 
+constexpr size_t kMaxMessageBytes = 1000;
+
 std::string_view text_of(const uint8_t* data, size_t size) {
   return {reinterpret_cast<const char*>(data), size};
 }
 
-// Runs `f`; a cca::Error is a refused input, the expected way to fail.
+// Runs `f`; a cca::Error is a refused input, the expected way to fail. Its message quotes
+// untrusted values only as short excerpts, so it stays short whatever the input.
 template <class F>
 int refusing(F&& f) {
   try {
     f();
-  } catch (const Error&) {
+  } catch (const Error& e) {
+    if (std::strlen(e.what()) >= kMaxMessageBytes) {
+      std::fprintf(stderr, "message: %.2000s\n", e.what());
+      broken("a refusal's message is 1,000 bytes or longer");
+    }
   }
   return 0;
 }
