@@ -94,6 +94,8 @@ TEST(Untrusted, ExcerptsAreShortAndSayHowLongTheValueWas) {
   EXPECT_EQ(model::excerpt("a\x1b[2Jb\n"), "a\\x1B[2Jb\\x0A");  // no terminal escapes
   // Cut at a character boundary: "é" is two bytes.
   EXPECT_EQ(model::excerpt("aé", 2), "a... (3 bytes)");
+  // The bound is on what is printed: escaped control bytes count 4 each (a fuzzer's find).
+  EXPECT_EQ(model::excerpt(std::string(100, '\0'), 10), "\\x00\\x00... (100 bytes)");
   const nlohmann::json v = nlohmann::json::array({std::string(1000, 'z')});
   EXPECT_EQ(model::json_excerpt(v, 6), "[\"zzzz... (1004 bytes)");
 }
