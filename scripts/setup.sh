@@ -8,6 +8,7 @@ packages=(
   googletest libgtest-dev                # tests
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
   libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
+  clang-14 libclang-rt-14-dev           # sanitizer build and fuzzing (scripts/fuzz.sh)
 )
 
 missing=()
