@@ -14,6 +14,7 @@
 // same bound holds: each is within it of the exact value.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 
 #include "cca/error.hpp"
@@ -290,6 +291,39 @@ TEST(EngineErrors, MemoryAndCapacityChecks) {
       EXPECT_THROW(test::feed(e, *s, prompt(11, 1), [](int64_t, int64_t) {}), Error);
     }
     EXPECT_THROW(e.new_sequence(0), Error);
+  }
+}
+
+// Issue 13: --chunk 1000000 for a 10-token prompt allocated 2.27 GB. A step never needs more rows
+// than the tokens planned: the chunk is cut to the plan, and the buffers with it.
+TEST(EngineErrors, HugeChunkIsBoundedByThePlannedTokens) {
+  for (DeviceChoice d : devices()) {
+    engine::EngineOptions huge = options(d, VariantSpec::full(), 1000000), small = huge;
+    huge.plan_tokens = small.plan_tokens = small.chunk = 10;
+    engine::Engine e(random_model("llama"), huge), ref(random_model("llama"), small);
+    EXPECT_EQ(e.chunk(), 10) << device_name(d);
+    EXPECT_EQ(e.memory_plan().activations, ref.memory_plan().activations) << device_name(d);
+    EXPECT_EQ(e.memory_plan().caches, ref.memory_plan().caches) << device_name(d);
+    auto s = e.new_sequence(10);
+    EXPECT_NO_THROW(test::feed(e, *s, prompt(10, 1), [](int64_t, int64_t) {}));
+  }
+}
+
+// Issue 13: NaN weights gave `nan` perplexity and exit status 0. Non-finite logits are an error.
+TEST(EngineErrors, NonFiniteLogitsGiveNoPerplexity) {
+  test::TempDir dir;
+  model::RandomModelSpec spec;
+  spec.config = model::small_llama_config(1, 32, 2, 2, 40, 50, 512);
+  spec.weight_std = std::nan("");  // every matrix NaN
+  model::write_random_model(dir.file("nan"), spec);
+  engine::Engine e(dir.file("nan"), options(DeviceChoice::cpu, VariantSpec::full(), 8));
+  try {
+    e.perplexity({1, 2, 3, 4, 5, 6}, 0);
+    ADD_FAILURE() << "a perplexity from NaN weights";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("the logits at position 0 are not finite"),
+              std::string::npos)
+        << err.what();
   }
 }
 

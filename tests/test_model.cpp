@@ -312,10 +312,25 @@ TEST(ModelRunner, PromptLimitAndTokenIds) {
     EXPECT_NE(m.find("max_position_embeddings"), std::string::npos) << m;
     EXPECT_NE(m.find("--allow-long-prompt"), std::string::npos) << m;
   }
-  EXPECT_EQ(engine::parse_token_ids(" 1 2\n30\t4 ", "x"), (model::TokenIds{1, 2, 30, 4}));
-  EXPECT_THROW(engine::parse_token_ids("1 2 x3", "x"), Error);
-  EXPECT_THROW(engine::parse_token_ids("1 -2", "x"), Error);
-  EXPECT_THROW(engine::parse_token_ids("  \n", "x"), Error);
+  EXPECT_EQ(engine::parse_token_ids(" 1 2\n30\t4 ", "x", 31), (model::TokenIds{1, 2, 30, 4}));
+  EXPECT_THROW(engine::parse_token_ids("1 2 x3", "x", 31), Error);
+  EXPECT_THROW(engine::parse_token_ids("1 -2", "x", 31), Error);
+  EXPECT_THROW(engine::parse_token_ids("  \n", "x", 31), Error);
+  // Ids outside the vocabulary are refused before any weight is read, naming the id.
+  try {
+    engine::parse_token_ids("1 2 31", "ids.txt", 31);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(),
+                 "ids.txt: token 3 is 31, outside the model's vocabulary (vocab_size 31)");
+  }
+  // A bad token is quoted short, however long it is.
+  try {
+    engine::parse_token_ids("1 " + std::string(100000, '7') + "x", "ids.txt", 31);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_LT(std::string(e.what()).size(), 200u) << e.what();
+  }
   // An id outside the vocabulary is an error, not a read past the embedding.
   auto e = fixture_engine("llama", VariantSpec::full(), 8);
   auto s = e->new_sequence(8);

@@ -230,7 +230,7 @@ TEST_F(ModelCli, BadInputExitsWithAClearMessage) {
   expect_failure(cca("generate --model '" + f.dir + "' --ids '" + ids + "' --group 0"), {"group"});
   test::write_file(dir_.file("oov.txt"), "1 2 600");
   expect_failure(cca("generate --model '" + f.dir + "' --ids '" + dir_.file("oov.txt") + "'"),
-                 {"token id 600", "vocab_size 512"});
+                 {"token 3 is 600, outside the model's vocabulary", "vocab_size 512"});
 }
 
 // --device cuda where no GPU is usable (CI): a clear error and exit 1 from every model command;

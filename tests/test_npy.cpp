@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "cca/error.hpp"
+#include "model/output_file.hpp"
 #include "npy.hpp"
+#include "output_path.hpp"
 #include "temp_dir.hpp"
 
 namespace cca {
@@ -228,8 +230,9 @@ TEST(Npy, FailedWriteLeavesNoPartialOrTemporaryFile) {
   EXPECT_TRUE(std::filesystem::is_directory(dir.file("out.npy")));
   // A missing directory fails before anything is written.
   EXPECT_THROW(write_npy(dir.file("missing/out.npy"), a.view()), Error);
-  EXPECT_THROW(check_output_dir(dir.file("missing/out.npy")), Error);
-  EXPECT_NO_THROW(check_output_dir(dir.file("new.npy")));
+  EXPECT_THROW(check_outputs({}, {{"--out", dir.file("missing/out.npy")}}), Error);
+  EXPECT_THROW(check_outputs({}, {{"--out", dir.file("out.npy")}}), Error);
+  EXPECT_NO_THROW(check_outputs({}, {{"--out", dir.file("new.npy")}}));
 }
 
 TEST(Npy, UncommittedPendingFileIsRemovedAndCommitReplaces) {
@@ -238,11 +241,11 @@ TEST(Npy, UncommittedPendingFileIsRemovedAndCommitReplaces) {
   { std::ofstream(path) << "old"; }
   NpyArray a = iota_array(DType::f32, {3});
   Bytes bytes = encode_npy(a.view());
-  { PendingFile f(path, bytes); }  // abandoned: e.g. a later step failed
+  { model::PendingFile f(path, bytes); }  // abandoned: e.g. a later step failed
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"o.npy"});
   EXPECT_EQ(std::filesystem::file_size(path), 3u) << "the old file must be untouched";
   {
-    PendingFile f(path, bytes);
+    model::PendingFile f(path, bytes);
     f.commit();
   }
   EXPECT_EQ(read_npy(path).data, a.data);

@@ -13,7 +13,9 @@
 #include <string>
 
 #include "cca/error.hpp"
+#include "model/output_file.hpp"
 #include "model/untrusted.hpp"
+#include "output_path.hpp"
 #include "targets.hpp"
 #include "temp_dir.hpp"
 
@@ -92,6 +94,8 @@ TEST(Untrusted, ExcerptsAreShortAndSayHowLongTheValueWas) {
   EXPECT_EQ(model::excerpt("a\x1b[2Jb\n"), "a\\x1B[2Jb\\x0A");  // no terminal escapes
   // Cut at a character boundary: "é" is two bytes.
   EXPECT_EQ(model::excerpt("aé", 2), "a... (3 bytes)");
+  // The bound is on what is printed: escaped control bytes count 4 each (a fuzzer's find).
+  EXPECT_EQ(model::excerpt(std::string(100, '\0'), 10), "\\x00\\x00... (100 bytes)");
   const nlohmann::json v = nlohmann::json::array({std::string(1000, 'z')});
   EXPECT_EQ(model::json_excerpt(v, 6), "[\"zzzz... (1004 bytes)");
 }
@@ -117,6 +121,47 @@ TEST(Untrusted, ReadTextFileRefusesWhatIsNotARegularFileOrTooLarge) {
             std::string::npos);
   EXPECT_NE(error_of([&] { model::read_text_file("/dev/zero", "thing"); })
                 .find("not a regular file"),
+            std::string::npos);
+}
+
+// A directory of outputs (a random model) appears whole or not at all, and never over files.
+TEST(Outputs, PendingDirAppearsWholeOrNotAtAll) {
+  test::TempDir dir;
+  const std::string target = dir.file("m");
+  {
+    model::PendingDir d(target);
+    std::ofstream(d.staging() + "/a.txt") << "a";
+  }  // abandoned: nothing is left
+  EXPECT_TRUE(dir.entries().empty());
+  {
+    model::PendingDir d(target);
+    std::ofstream(d.staging() + "/a.txt") << "a";
+    d.commit();
+  }
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"m"});
+  EXPECT_EQ(slurp(target + "/a.txt"), "a");
+  // Over a directory with files in it: refused, the old files untouched, no temporary left.
+  model::PendingDir again(target);
+  std::ofstream(again.staging() + "/b.txt") << "b";
+  EXPECT_NE(error_of([&] { again.commit(); }).find("it exists and is not empty"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(target + "/b.txt"));
+}
+
+TEST(Outputs, NewOutputDirMustBeNewOrEmpty) {
+  test::TempDir dir;
+  EXPECT_NO_THROW(check_new_output_dir({"--save-model", dir.file("new")}));
+  fs::create_directory(dir.file("empty"));
+  EXPECT_NO_THROW(check_new_output_dir({"--save-model", dir.file("empty")}));
+  std::ofstream(dir.file("file")) << "x";
+  EXPECT_NE(error_of([&] { check_new_output_dir({"--save-model", dir.file("file")}); })
+                .find("exists and is not a directory"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { check_new_output_dir({"--save-model", dir.path().string()}); })
+                .find("is a directory that is not empty"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { check_new_output_dir({"--save-model", dir.file("no/m")}); })
+                .find("does not exist"),
             std::string::npos);
 }
 

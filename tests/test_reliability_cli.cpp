@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <array>
+#include <cstdlib>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -15,8 +17,11 @@
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 
+#include "model/random_model.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "temp_dir.hpp"
 
 namespace cca {
@@ -204,8 +209,26 @@ std::vector<Row> rows() {
          ::mkfifo((d / "f.npy").c_str(), 0600);
        },
        "compare f.npy q.npy", 1, "not a regular file"},
+      {"q with 65 dimensions",
+       [](const fs::path& d) {
+         qkv(d);
+         std::string shape;
+         for (int i = 0; i < 65; ++i) shape += "1, ";
+         std::string h = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape + "), }";
+         std::string f = "\x93NUMPY\x01";
+         f += '\0';
+         f += char(h.size() & 0xff);
+         f += char(h.size() >> 8);
+         spit(d / "q.npy", f + h + std::string(4, '\0'));
+       },
+       "attention " + kQkv + " --out o.npy", 1, "shape has more than 64 dimensions"},
       {"threads 100000", qkv, "attention " + kQkv + " --out o.npy --threads 100000", 1,
-       "invalid --threads 100000: must be in [0, 1024]"},
+       "invalid --threads 100000: must be in [0, 4096]"},
+      {"random: out is a directory",
+       [](const fs::path& d) { fs::create_directory(d / "sub"); }, "random --shape 4 --out sub",
+       1, "cannot write --out 'sub': it is a directory"},
+      {"random: out in a missing directory", nullptr, "random --shape 4 --out no/r.npy", 1,
+       "the directory 'no' does not exist"},
       {"random array larger than memory", qkv, "random --shape 100000,100000,100000 --out r.npy",
        1, "more than half of this machine's memory"},
       {"unknown flag", qkv, "attention " + kQkv + " --out o.npy --bogus 1", 2, "--bogus"},
@@ -290,6 +313,18 @@ std::vector<Row> rows() {
        },
        "tokenize --model m --text " + std::string(40, 'a') + "b", 1,
        "regex '(a+)+$' failed to match: it backtracks too much on this text"},
+      {"tokenizer.json 31 Replaces that each double the text",
+       [](const fs::path& d) {
+         nlohmann::json t = nlohmann::json::parse(slurp(kModels + "llama/tokenizer.json"));
+         nlohmann::json twice = {{"type", "Replace"}, {"pattern", {{"String", "a"}}},
+                                 {"content", "aa"}};
+         nlohmann::json seq = {{"type", "Sequence"}, {"normalizers", {twice}}};
+         for (int i = 0; i < 15; ++i)  // nested Sequences, flattened when parsed
+           seq = {{"type", "Sequence"}, {"normalizers", {twice, twice, seq}}};
+         t["normalizer"] = seq;
+         model_with("tokenizer.json", t.dump())(d);
+       },
+       "tokenize --model m --text aaaa", 1, "tokenizer: the normalizers make a text longer than"},
       {"tokenizer_config.json a FIFO",
        [](const fs::path& d) {
          model_with("", "")(d);
@@ -302,6 +337,54 @@ std::vector<Row> rows() {
       {"generation_config.json top_p 1.8",
        model_with("generation_config.json", R"({"do_sample": true, "top_p": 1.8})"),
        "generate --model m --ids ids.txt -n 2", 1, "generation_config.json: top_p = 1.8"},
+      {"tokenizer larger than the model's vocabulary",
+       model_with("config.json", config_set("vocab_size", "400")),
+       "generate --model m --prompt hi -n 2", 1,
+       "m/tokenizer.json has token ids up to 408 but config.json's vocab_size is 400: the "
+       "tokenizer does not belong to this model"},
+      // ---- token-id and prompt files ----
+      {"ids outside the vocabulary",
+       [](const fs::path& d) {
+         model_with("", "")(d);
+         spit(d / "big.txt", "1 2 512\n");
+       },
+       "generate --model m --ids big.txt -n 2", 1,
+       "big.txt: token 3 is 512, outside the model's vocabulary (vocab_size 512)"},
+      {"ids file with a 100 KB token",
+       [](const fs::path& d) {
+         model_with("", "")(d);
+         spit(d / "big.txt", "1 " + std::string(100000, '7') + "x\n");
+       },
+       "perplexity --model m --ids big.txt", 1, "big.txt: token 2 is not a token id: '7777"},
+      {"batch prompt line nested deep",
+       [](const fs::path& d) {
+         model_with("", "")(d);
+         spit(d / "p.jsonl", "{\"prompt\": \"hi\"}\n{\"prompt\": " + deep(50000) + "}\n");
+       },
+       "generate --model m --prompt-file p.jsonl --batch -n 2", 1,
+       "p.jsonl:2: JSON nested deeper than 64 levels"},
+      {"model run with --threads 100000", model_with("", ""),
+       "generate --model m --ids ids.txt -n 2 --threads 100000", 1,
+       "invalid --threads 100000: must be in [0, 4096]"},
+      {"perplexity of NaN weights",
+       [](const fs::path& d) {
+         model::RandomModelSpec spec;
+         spec.config = model::small_llama_config(1, 32, 2, 2, 40, 50, 512);
+         spec.weight_std = std::nan("");
+         model::write_random_model((d / "nan").string(), spec);
+       },
+       "perplexity --model nan --ids ids.txt --device cpu", 1,
+       "are not finite (NaN or infinity)"},
+      // ---- outputs of the model commands ----
+      {"logits: out is the ids file", model_with("", ""),
+       "logits --model m --ids ids.txt --out ids.txt", 1,
+       "--out 'ids.txt' is the same file as the input --ids 'ids.txt'"},
+      {"logits: out inside the model directory", model_with("", ""),
+       "logits --model m --ids ids.txt --out m/l.npy", 1,
+       "--out 'm/l.npy' lies inside the input directory --model 'm'"},
+      {"bench model: save-model into a model", model_with("", ""),
+       "bench model --save-model m --prompt 8 -n 1", 1,
+       "--save-model 'm' is a directory that is not empty"},
   };
 }
 
@@ -313,7 +396,7 @@ TEST_P(BadInput, ClearErrorNothingWrittenNothingModified) {
   const fs::path work = tmp.path() / "work";
   fs::create_directory(work);
   spit(work / "ids.txt", "1 2 3\n");
-  row.setup(work);
+  if (row.setup) row.setup(work);
   const auto before = snapshot(work);
   const auto r = cca(work, row.args);
   EXPECT_EQ(r.status, row.status) << row.name << ": " << r.err;
@@ -323,6 +406,68 @@ TEST_P(BadInput, ClearErrorNothingWrittenNothingModified) {
   EXPECT_LT(r.err.size(), 1000u) << row.name << ": the message must stay short";
   EXPECT_EQ(r.out, "") << row.name << ": no partial output";
   EXPECT_TRUE(snapshot(work) == before) << row.name << ": the directory changed";
+}
+
+// Issue 13: ids the model generates that no token of the tokenizer has (the llama fixture has 512
+// embedding rows and 409 tokens) vanished from the text silently; now stderr names them.
+TEST(GeneratedIds, WithoutATokenAreNamedOnStderr) {
+  test::TempDir tmp;
+  const fs::path work = tmp.path() / "work";  // cca() keeps stderr beside it
+  fs::create_directory(work);
+  const std::string m = kModels + "llama";
+  const tok::Tokenizer t = tok::Tokenizer::from_file(m + "/tokenizer.json");
+  std::string prompt_ids;
+  for (const int32_t id : t.encode("Hello world", true)) prompt_ids += std::to_string(id) + " ";
+  spit(work / "ids.txt", prompt_ids);
+  spit(work / "p.txt", "Hello world");
+  const std::string run = "generate --model '" + m +
+                          "' -n 24 --greedy --ignore-eos --device cpu --no-progress ";
+  // The ids greedy generation picks, and how many of them no token has.
+  const CliRun ids = cca(work, run + "--ids ids.txt");
+  ASSERT_EQ(ids.status, 0) << ids.err;
+  std::istringstream in(ids.out);
+  int lacking = 0, n = 0;
+  for (int32_t id; in >> id; ++n) lacking += !t.has_token(id);
+  ASSERT_EQ(n, 24) << ids.out;
+  ASSERT_GT(lacking, 0) << "the greedy continuation stays inside the tokenizer: pick a prompt "
+                           "that reaches the padded ids";
+  const CliRun text = cca(work, run + "--prompt-file p.txt");
+  EXPECT_EQ(text.status, 0) << text.err;
+  EXPECT_NE(text.err.find("cca: warning: " + std::to_string(lacking) +
+                          " generated token id(s) have no token in tokenizer.json"),
+            std::string::npos)
+      << text.err;
+  EXPECT_EQ(ids.err.find("warning"), std::string::npos) << "--ids prints every id: " << ids.err;
+}
+
+// The bad-input table of docs/reliability.md is made from rows(), so the page lists exactly what
+// is tested. CCA_UPDATE_DOCS=1 rewrites it in the source tree.
+std::string markdown_table() {
+  std::string t =
+      "| bad input | command (run where the input was made) | stderr holds | exit |\n"
+      "|---|---|---|---|\n";
+  for (const Row& r : rows())
+    t += std::string("| ") + r.name + " | `cca " + r.args + "` | `" + r.needle + "` | " +
+         std::to_string(r.status) + " |\n";
+  return t;
+}
+
+TEST(BadInputTable, IsTheTableOfDocsReliability) {
+  const fs::path doc = fs::path(CCA_SOURCE_DIR) / "docs/reliability.md";
+  const std::string begin = "<!-- bad-input table: made by tests/test_reliability_cli.cpp -->\n",
+                    end = "<!-- end of the bad-input table -->";
+  std::string text = slurp(doc);
+  const size_t b = text.find(begin), e = text.find(end);
+  ASSERT_TRUE(b != std::string::npos && e != std::string::npos && b < e)
+      << doc << " lacks the markers " << begin << " and " << end;
+  const size_t from = b + begin.size();
+  const std::string want = markdown_table();
+  if (std::getenv("CCA_UPDATE_DOCS")) {
+    spit(doc, text.replace(from, e - from, want));
+    return;
+  }
+  EXPECT_EQ(text.substr(from, e - from), want)
+      << "the table in " << doc << " differs from rows(): rerun this test with CCA_UPDATE_DOCS=1";
 }
 
 INSTANTIATE_TEST_SUITE_P(Table, BadInput, ::testing::Range(size_t(0), rows().size()),

@@ -18,6 +18,7 @@
 #include "cca/device.hpp"
 #include "commands.hpp"
 #include "flag_limits.hpp"
+#include "model/output_file.hpp"
 #include "npy.hpp"
 #include "output_path.hpp"
 #include "variant_flags.hpp"
@@ -127,10 +128,7 @@ void run_attention(const AttentionArgs& a) {
   run.backend = parse_backend(a.backend);
   run.threads = a.threads;
 
-  check_output_dir(a.out);
-  if (!a.lse.empty()) check_output_dir(a.lse);
-  check_outputs_distinct({{"--q", a.q}, {"--k", a.k}, {"--v", a.v}},
-                         {{"--out", a.out}, {"--lse", a.lse}});
+  check_outputs({{"--q", a.q}, {"--k", a.k}, {"--v", a.v}}, {{"--out", a.out}, {"--lse", a.lse}});
 
   NpyArray q = read_input(a.q, "q"), k = read_input(a.k, "k"), v = read_input(a.v, "v");
   const TensorView qv = q.view(), kv = k.view(), vv = v.view();
@@ -176,8 +174,8 @@ void run_attention(const AttentionArgs& a) {
   for (const GpuCopy& g : gpu) g.download_output();
 
   // Both outputs are complete in temporary files before either is renamed into place.
-  PendingFile out_file(a.out, encode_npy(ov));
-  std::optional<PendingFile> lse_file;
+  model::PendingFile out_file(a.out, encode_npy(ov));
+  std::optional<model::PendingFile> lse_file;
   if (lse) lse_file.emplace(a.lse, encode_npy(lv));
   out_file.commit();
   if (lse_file) lse_file->commit();

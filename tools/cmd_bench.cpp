@@ -22,6 +22,7 @@
 #include "cca/cca.hpp"
 #include "cca/device.hpp"
 #include "commands.hpp"
+#include "flag_limits.hpp"
 #include "variant_flags.hpp"
 
 namespace cca {
@@ -108,7 +109,7 @@ double median(std::vector<double> x) {
 
 void check_args(const BenchArgs& a) {
   auto need = [](bool ok, const std::string& what) { check(ok, "invalid " + what); };
-  need(a.threads >= 0, "--threads " + std::to_string(a.threads) + ": must be >= 0 (0 = all)");
+  check_threads_flag(a.threads);
   need(a.reps >= 1, "--reps " + std::to_string(a.reps) + ": must be >= 1");
   need(a.batch >= 1, "--batch " + std::to_string(a.batch) + ": must be >= 1");
   need(a.heads >= 1, "--heads " + std::to_string(a.heads) + ": must be >= 1");

@@ -24,6 +24,8 @@
 #include "cca/attention.hpp"
 #include "cca/error.hpp"
 #include "commands.hpp"
+#include "flag_limits.hpp"
+#include "output_path.hpp"
 #include "variant_flags.hpp"
 #include "model/random_model.hpp"
 #include "model_cli.hpp"
@@ -114,6 +116,8 @@ void run_bench_model(const BenchModelArgs& a) {
         "--prompt, -n, --batch and --repeat must be >= 1");
   for (int64_t p : a.prompts) check(p >= 1, "--prompt lengths must be >= 1, got " + std::to_string(p));
   const int64_t longest = *std::max_element(a.prompts.begin(), a.prompts.end());
+  check_threads_flag(a.threads);
+  if (!a.save_model.empty()) check_new_output_dir({"--save-model", a.save_model});
   char tmpl[] = "/tmp/cca-bench-model-XXXXXX";
   check(::mkdtemp(tmpl) != nullptr, "cannot create a temporary directory");
   const fs::path tmp(tmpl);

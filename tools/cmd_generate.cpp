@@ -73,7 +73,8 @@ class TextStream {
 
 // The prompts of a run: one, or with --batch one per line of the file (a .jsonl file: one
 // {"prompt": "..."} object per line).
-std::vector<model::TokenIds> read_prompts(const GenerateArgs& a, const TextTokenizer* tok) {
+std::vector<model::TokenIds> read_prompts(const GenerateArgs& a, const TextTokenizer* tok,
+                                          int64_t vocab_size) {
   std::vector<std::string> texts;
   const std::string& file = a.ids_file.empty() ? a.prompt_file : a.ids_file;
   const std::string flag = a.ids_file.empty() ? "--prompt-file" : "--ids";
@@ -92,10 +93,10 @@ std::vector<model::TokenIds> read_prompts(const GenerateArgs& a, const TextToken
       start = end + 1;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       if (jsonl) {
-        nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        check(!j.is_discarded() && j.is_object() && j.contains("prompt") &&
-                  j["prompt"].is_string(),
-              file + ":" + std::to_string(line_no) + ": expected {\"prompt\": \"...\"}");
+        const std::string where = file + ":" + std::to_string(line_no);
+        const nlohmann::json j = model::parse_json(line, where);
+        check(j.is_object() && j.contains("prompt") && j["prompt"].is_string(),
+              where + ": expected {\"prompt\": \"...\"}, got " + model::json_excerpt(j));
         line = j["prompt"].get<std::string>();
       }
       texts.push_back(line);
@@ -106,7 +107,7 @@ std::vector<model::TokenIds> read_prompts(const GenerateArgs& a, const TextToken
   for (size_t i = 0; i < texts.size(); ++i) {
     const std::string where = texts.size() > 1 ? " (prompt " + std::to_string(i + 1) + ")" : "";
     if (!a.ids_file.empty()) {
-      prompts.push_back(engine::parse_token_ids(texts[i], a.ids_file + where));
+      prompts.push_back(engine::parse_token_ids(texts[i], a.ids_file + where, vocab_size));
     } else {
       prompts.push_back(tok->encode(texts[i], true));
       check(!prompts.back().empty(), "the prompt encodes to no tokens" + where);
@@ -148,6 +149,21 @@ void print_breakdown(const char* phase, const std::vector<ops::Profile::Row>& ro
                wall_s > 0 ? 100.0 * rest / (1e3 * wall_s) : 0.0);
 }
 
+// Ids the model produced that no token of the tokenizer has (embedding rows past the tokenizer's
+// vocabulary) are dropped by decode(): said on stderr rather than lost silently.
+void warn_untokenized(const TextTokenizer& tok, const std::vector<engine::GenerateResult>& res) {
+  std::string ids;
+  int64_t n = 0;
+  for (const auto& r : res)
+    for (const int32_t id : r.tokens)
+      if (!tok.has_token(id) && ++n <= 8) ids += (n > 1 ? ", " : "") + std::to_string(id);
+  if (n == 0) return;
+  std::fprintf(stderr,
+               "cca: warning: %lld generated token id(s) have no token in tokenizer.json and are "
+               "missing from the text: %s%s (--ids prints ids)\n",
+               (long long)n, ids.c_str(), n > 8 ? ", ..." : "");
+}
+
 void run_generate(const GenerateArgs& a) {
   const int given = !a.prompt.empty() + !a.prompt_file.empty() + !a.ids_file.empty();
   check(given == 1, "give exactly one of --prompt, --prompt-file and --ids (--prompt must not be "
@@ -161,8 +177,9 @@ void run_generate(const GenerateArgs& a) {
   std::unique_ptr<TextTokenizer> tok;
   if (a.ids_file.empty())
     tok = TextTokenizer::load(a.run.model,
-                              "needed for --prompt/--prompt-file; --ids takes token ids");
-  const std::vector<model::TokenIds> prompts = read_prompts(a, tok.get());
+                              "needed for --prompt/--prompt-file; --ids takes token ids",
+                              cfg.vocab_size);
+  const std::vector<model::TokenIds> prompts = read_prompts(a, tok.get(), cfg.vocab_size);
   const int64_t limit = a.run.context_limit(cfg);
   int64_t longest = 0, total_prompt = 0;
   for (const auto& p : prompts) {
@@ -229,6 +246,7 @@ void run_generate(const GenerateArgs& a) {
     }
   }
   std::fflush(stdout);
+  if (tok) warn_untokenized(*tok, res);
 
   // The timing summary, one line as llama.cpp prints it.
   int64_t generated = 0, steps = 0, kv = 0, full_kv = 0;

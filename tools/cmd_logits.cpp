@@ -25,11 +25,10 @@ struct LogitsArgs {
 
 void run_logits(const LogitsArgs& a) {
   check(a.rows >= 0, "invalid --rows " + std::to_string(a.rows) + ": must be >= 0 (0 = all)");
-  check_outputs_distinct({{"--ids", a.ids_file}, {"--model", a.run.model}}, {{"--out", a.out}});
-  check_output_dir(a.out);
+  check_outputs({{"--ids", a.ids_file}, {"--model", a.run.model}}, {{"--out", a.out}});
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   const model::TokenIds ids =
-      engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
+      engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file, cfg.vocab_size);
   engine::check_prompt_length(int64_t(ids.size()), a.run.context_limit(cfg), cfg);
   const int64_t n = int64_t(ids.size()), keep = a.rows > 0 ? std::min(a.rows, n) : n;
   const int64_t V = cfg.vocab_size;

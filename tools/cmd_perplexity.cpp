@@ -30,9 +30,11 @@ void run_perplexity(const PerplexityArgs& a) {
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   model::TokenIds ids;
   if (!a.ids_file.empty()) {
-    ids = engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file);
+    ids = engine::parse_token_ids(read_input_file(a.ids_file, "--ids"), a.ids_file,
+                                  cfg.vocab_size);
   } else {
-    auto tok = TextTokenizer::load(a.run.model, "needed for --text-file; --ids takes token ids");
+    auto tok = TextTokenizer::load(a.run.model, "needed for --text-file; --ids takes token ids",
+                                   cfg.vocab_size);
     ids = tok->encode(read_input_file(a.text_file, "--text-file"), true);
   }
   check(ids.size() >= 2,

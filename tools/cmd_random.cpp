@@ -13,6 +13,7 @@
 #include "cca/cca.hpp"
 #include "commands.hpp"
 #include "npy.hpp"
+#include "output_path.hpp"
 
 namespace cca {
 namespace {
@@ -55,7 +56,7 @@ void run_random(const RandomArgs& a) {
   const DType dtype = parse_file_dtype(a.dtype);
   check(std::isfinite(a.std) && a.std > 0,
         "invalid --std " + std::to_string(a.std) + ": must be finite and > 0");
-  check_output_dir(a.out);
+  check_outputs({}, {{"--out", a.out}});
   NpyArray arr = make_npy_array(dtype, shape);
   TensorView view = arr.view();
   std::mt19937_64 gen(a.seed);

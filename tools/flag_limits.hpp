@@ -7,7 +7,7 @@
 
 namespace cca {
 
-constexpr int kMaxThreadsFlag = 1024;
+constexpr int kMaxThreadsFlag = 4096;
 
 // --threads: 0 (all cores) to kMaxThreadsFlag.
 inline void check_threads_flag(int threads) {

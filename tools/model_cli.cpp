@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "cca/error.hpp"
+#include "flag_limits.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace cca {
@@ -17,8 +18,7 @@ std::optional<DType> parse_dtype_flag(const std::string& s, const std::string& f
 }
 
 engine::EngineOptions ModelRunFlags::engine_options(int64_t plan_tokens, int64_t batch) const {
-  check(threads >= 0, "invalid --threads " + std::to_string(threads) + ": must be >= 0 (0 = all)");
-  check(threads <= 4096, "invalid --threads " + std::to_string(threads) + ": at most 4096");
+  check_threads_flag(threads);
   check(chunk >= 0, "invalid --chunk " + std::to_string(chunk) + ": must be >= 1");
   engine::EngineOptions o;
   o.device = engine::parse_device_choice(device);
@@ -79,13 +79,20 @@ TextTokenizer::TextTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 TextTokenizer::~TextTokenizer() = default;
 
 std::unique_ptr<TextTokenizer> TextTokenizer::load(const std::string& model_dir,
-                                                   const std::string& why_needed) {
+                                                   const std::string& why_needed,
+                                                   int64_t model_vocab) {
   const std::string path = (std::filesystem::path(model_dir) / "tokenizer.json").string();
   std::error_code ec;
-  check(std::filesystem::is_regular_file(path, ec),
+  check(std::filesystem::exists(path, ec),
         "tokenizer.json not found in " + model_dir + " (" + why_needed + ")");
-  return std::unique_ptr<TextTokenizer>(
-      new TextTokenizer(std::make_unique<Impl>(Impl{tok::Tokenizer::from_file(path)})));
+  tok::Tokenizer t = tok::Tokenizer::from_file(path);
+  // Fewer tokens than the model's vocabulary is common (embeddings padded to a multiple of 64);
+  // more means the tokenizer belongs to another model.
+  check(model_vocab <= 0 || t.vocab_size() <= model_vocab,
+        path + " has token ids up to " + std::to_string(t.vocab_size() - 1) +
+            " but config.json's vocab_size is " + std::to_string(model_vocab) +
+            ": the tokenizer does not belong to this model");
+  return std::unique_ptr<TextTokenizer>(new TextTokenizer(std::make_unique<Impl>(Impl{t})));
 }
 
 model::TokenIds TextTokenizer::encode(const std::string& text, bool add_special) const {
@@ -97,6 +104,8 @@ std::string TextTokenizer::decode(const model::TokenIds& ids, bool skip_special)
 }
 
 int32_t TextTokenizer::eos_id() const { return impl_->tok.eos_id().value_or(-1); }
+
+bool TextTokenizer::has_token(int32_t id) const { return impl_->tok.has_token(id); }
 
 std::string read_input_file(const std::string& path, const std::string& flag) {
   std::error_code ec;

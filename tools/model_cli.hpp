@@ -47,13 +47,17 @@ void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run);
 // The model directory's tokenizer.json, loaded by the tokenizer library.
 class TextTokenizer {
  public:
-  // Throws cca::Error when the directory has no tokenizer.json, naming `why_needed`.
+  // Throws cca::Error when the directory has no tokenizer.json, naming `why_needed`, or when
+  // the tokenizer has ids at or above `model_vocab` (the model's vocab_size; 0: not checked):
+  // such a tokenizer belongs to another model, and its ids would index past the embeddings.
   static std::unique_ptr<TextTokenizer> load(const std::string& model_dir,
-                                             const std::string& why_needed);
+                                             const std::string& why_needed,
+                                             int64_t model_vocab = 0);
   ~TextTokenizer();
   model::TokenIds encode(const std::string& text, bool add_special) const;
   std::string decode(const model::TokenIds& ids, bool skip_special) const;
   int32_t eos_id() const;  // -1 when the tokenizer names none
+  bool has_token(int32_t id) const;  // false for ids decode() drops (none of its tokens)
 
  private:
   struct Impl;

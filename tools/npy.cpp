@@ -1,18 +1,15 @@
 #include "npy.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <bit>
-#include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <sstream>
 #include <utility>
 
 #include "cca/error.hpp"
+#include "model/output_file.hpp"
 #include "model/untrusted.hpp"
 
 namespace cca {
@@ -24,8 +21,7 @@ namespace {
 constexpr char kMagic[] = "\x93NUMPY";
 constexpr size_t kMagicLen = 6;
 constexpr size_t kHeaderAlign = 64;  // NumPy aligns the data to 64 bytes; we do the same
-
-std::string errno_text() { return std::strerror(errno); }
+constexpr size_t kMaxDims = 64;      // NPY_MAXDIMS of NumPy 2 (NumPy 1: 32)
 
 // The dictionary of a .npy header, e.g. {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
 // A Python literal; we accept exactly the keys NumPy writes and the value kinds they take.
@@ -122,6 +118,8 @@ class HeaderParser {
       skip_ws();
       if (peek() == ')') break;
       if (peek() < '0' || peek() > '9') fail("shape must be a tuple of non-negative integers");
+      if (dims.size() == kMaxDims)
+        fail("shape has more than " + std::to_string(kMaxDims) + " dimensions (NumPy's limit)");
       int64_t d = 0;
       while (peek() >= '0' && peek() <= '9') {
         if (d > (INT64_MAX - 9) / 10) fail("shape dimension too large");
@@ -176,7 +174,8 @@ int64_t NpyArray::numel() const {
   return n;
 }
 
-std::string NpyArray::shape_string() const { return dims_string(shape); }
+// Short even for a 64-dimensional shape: it appears in error messages.
+std::string NpyArray::shape_string() const { return model::excerpt(dims_string(shape), 120); }
 
 TensorView NpyArray::view() {
   check(!shape.empty() && shape.size() <= 4,
@@ -321,68 +320,9 @@ std::vector<std::byte> encode_npy(const TensorView& t) {
   return out;
 }
 
-PendingFile::PendingFile(const std::string& path, std::span<const std::byte> bytes) : path_(path) {
-  namespace fs = std::filesystem;
-  fs::path p(path);
-  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  std::string tmpl = (dir / ("." + p.filename().string() + ".tmp-XXXXXX")).string();
-  int fd = ::mkstemp(tmpl.data());
-  if (fd < 0) throw Error("cannot write '" + path + "': " + errno_text());
-  tmp_ = tmpl;
-  // mkstemp makes the file 0600; give it the mode a plain open() would.
-  mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::fchmod(fd, 0666 & ~mask);
-  const std::byte* p_data = bytes.data();
-  size_t left = bytes.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd, p_data, left);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      std::string why = errno_text();
-      ::close(fd);
-      ::unlink(tmp_.c_str());
-      throw Error("cannot write '" + path + "': " + why);
-    }
-    p_data += n;
-    left -= size_t(n);
-  }
-  if (::close(fd) != 0) {
-    std::string why = errno_text();
-    ::unlink(tmp_.c_str());
-    throw Error("cannot write '" + path + "': " + why);
-  }
-}
-
-PendingFile::PendingFile(PendingFile&& o) noexcept
-    : path_(std::move(o.path_)), tmp_(std::exchange(o.tmp_, std::string())) {}
-
-PendingFile::~PendingFile() {
-  if (!tmp_.empty()) ::unlink(tmp_.c_str());
-}
-
-void PendingFile::commit() {
-  check(!tmp_.empty(), "PendingFile::commit called twice for '" + path_ + "'");
-  if (::rename(tmp_.c_str(), path_.c_str()) != 0)
-    throw Error("cannot write '" + path_ + "': " + errno_text());
-  tmp_.clear();
-}
-
 void write_npy(const std::string& path, const TensorView& t) {
-  std::vector<std::byte> bytes = encode_npy(t);
-  PendingFile f(path, bytes);
+  model::PendingFile f(path, encode_npy(t));
   f.commit();
-}
-
-void check_output_dir(const std::string& path) {
-  namespace fs = std::filesystem;
-  check(!path.empty(), "output path is empty");
-  std::error_code ec;
-  fs::path p(path);
-  check(!fs::is_directory(p, ec), "cannot write '" + path + "': it is a directory");
-  fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  check(fs::is_directory(dir, ec),
-        "cannot write '" + path + "': directory '" + dir.string() + "' does not exist");
 }
 
 }  // namespace cca

@@ -1,6 +1,7 @@
 // NumPy .npy files (format versions 1, 2 and 3): little-endian float32 ('<f4') and float16
 // ('<f2') arrays in C order. Anything else is rejected with a cca::Error naming the file and the
-// problem. Writes are atomic: a temporary file in the target's directory, renamed on success.
+// problem. Writes are atomic: a temporary file in the target's directory, renamed on success
+// (model/output_file.hpp).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -36,27 +37,7 @@ NpyArray read_npy(const std::string& path);
 // has no NumPy dtype). Version 1 header unless the header needs more than 65535 bytes.
 std::vector<std::byte> encode_npy(const TensorView& t);
 
-// A file written to a temporary name next to `path`; commit() renames it into place. Destroyed
-// without commit(), it removes the temporary file, so a failure never leaves a partial output.
-class PendingFile {
- public:
-  PendingFile(const std::string& path, std::span<const std::byte> bytes);
-  ~PendingFile();
-  PendingFile(PendingFile&&) noexcept;
-  PendingFile(const PendingFile&) = delete;
-  PendingFile& operator=(const PendingFile&) = delete;
-  PendingFile& operator=(PendingFile&&) = delete;
-  void commit();
-
- private:
-  std::string path_, tmp_;
-};
-
-// encode_npy + PendingFile + commit.
+// encode_npy, written through a model::PendingFile (atomic: a temporary file renamed into place).
 void write_npy(const std::string& path, const TensorView& t);
-
-// Throws cca::Error unless the directory that would hold `path` exists; lets commands fail
-// before any work when an output cannot be written.
-void check_output_dir(const std::string& path);
 
 }  // namespace cca

@@ -10,6 +10,7 @@
 
 #include "cca/error.hpp"
 #include "model/safetensors.hpp"
+#include "model/untrusted.hpp"
 #include "policy.hpp"
 
 namespace cca::engine {
@@ -117,9 +118,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(op
   const DType dt = device_plan_.dtype;
   kv_dtype_ = device_plan_.kv_dtype;
   if (opt_.chunk == 0) opt_.chunk = dev == Device::cuda ? 8192 : 256;
-  // A step never needs more rows than the tokens planned (a short prompt with a huge --chunk).
-  const int64_t rows = std::max(
-      opt_.max_batch, opt_.plan_tokens > 0 ? std::min(opt_.chunk, opt_.plan_tokens) : opt_.chunk);
+  // A step never needs more rows than the tokens planned: a 10-token prompt with --chunk 1000000
+  // sizes its buffers (and the GPU caches' chunk workspace) for 10 rows.
+  if (opt_.plan_tokens > 0) opt_.chunk = std::min(opt_.chunk, opt_.plan_tokens);
+  const int64_t rows = std::max(opt_.max_batch, opt_.chunk);
   const int64_t logit_rows = std::max<int64_t>(opt_.max_batch, 32);
 
   // Everything this run allocates, checked against free memory before any weight is read.
@@ -520,7 +522,12 @@ NllResult Engine::perplexity(const TokenIds& ids, int64_t ctx,
           const float mx = *std::max_element(lr, lr + V);
           double sum = 0;
           for (int64_t v = 0; v < V; ++v) sum += std::exp(double(lr[v]) - mx);
-          res.sum_nll += std::log(sum) + mx - double(lr[wid[i + 1]]);
+          const double nll = std::log(sum) + mx - double(lr[wid[i + 1]]);
+          // NaN or infinite logits (broken weights, an overflow) give no perplexity at all.
+          check(std::isfinite(nll), "the logits at position " + std::to_string(w0 + i) +
+                                        " are not finite (NaN or infinity): the model's weights "
+                                        "or its numerics are broken; no perplexity");
+          res.sum_nll += nll;
           ++res.tokens;
         }
       }
@@ -552,16 +559,20 @@ int64_t kv_cache_bytes(const model::ModelConfig& cfg, const VariantSpec& v, int6
   return 2 * cfg.num_layers * cfg.head_dim * elem_bytes * per_layer;
 }
 
-TokenIds parse_token_ids(const std::string& text, const std::string& source) {
+TokenIds parse_token_ids(const std::string& text, const std::string& source, int64_t vocab_size) {
   TokenIds ids;
   std::istringstream in(text);
   std::string tok;
   while (in >> tok) {
     int64_t v = -1;
     auto [p, ec] = std::from_chars(tok.data(), tok.data() + tok.size(), v);
-    check(
-        ec == std::errc() && p == tok.data() + tok.size() && v >= 0 && v <= INT32_MAX,
-        source + ": token " + std::to_string(ids.size() + 1) + " is not a token id: '" + tok + "'");
+    const std::string which = source + ": token " + std::to_string(ids.size() + 1);
+    check(ec == std::errc() && p == tok.data() + tok.size() && v >= 0,
+          which + " is not a token id: '" + model::excerpt(tok) + "'");
+    // Checked here, before any weight is read, not when the embedding row is looked up.
+    check(v < vocab_size, which + " is " + std::to_string(v) +
+                              ", outside the model's vocabulary (vocab_size " +
+                              std::to_string(vocab_size) + ")");
     ids.push_back(int32_t(v));
   }
   check(!ids.empty(), source + ": no token ids (expected whitespace-separated integers)");

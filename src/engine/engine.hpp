@@ -103,8 +103,8 @@ int64_t kv_cache_bytes(const model::ModelConfig& cfg, const VariantSpec& v, int6
 // Throws cca::Error when a prompt of `tokens` exceeds `limit` (> 0), saying how to allow it.
 void check_prompt_length(int64_t tokens, int64_t limit, const model::ModelConfig& cfg);
 
-// Whitespace-separated non-negative token ids; `source` names the input in errors.
-TokenIds parse_token_ids(const std::string& text, const std::string& source);
+// Whitespace-separated token ids, each in [0, vocab_size); `source` names the input in errors.
+TokenIds parse_token_ids(const std::string& text, const std::string& source, int64_t vocab_size);
 
 struct NllResult {
   int64_t tokens = 0;  // predicted tokens

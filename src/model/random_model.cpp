@@ -2,12 +2,12 @@
 
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <vector>
 
 #include "cca/error.hpp"
+#include "model/output_file.hpp"
 #include "model/safetensors.hpp"
 #include "model/weights.hpp"
 
@@ -15,10 +15,9 @@ namespace cca::model {
 namespace {
 
 void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  check(out.good(), "cannot write " + path);
-  out << text;
-  check(out.good(), "error writing " + path);
+  PendingFile out(path);
+  out.write(text);
+  out.commit();
 }
 
 bool ends_with(const std::string& s, const char* suffix) {
@@ -87,9 +86,7 @@ std::string model_config_json(const ModelConfig& c) {
 void write_random_model(const std::string& dir, const RandomModelSpec& spec) {
   const ModelConfig& c = spec.config;
   c.validate();
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  check(std::filesystem::is_directory(dir, ec), "cannot create directory " + dir);
+  PendingDir staging(dir);  // a failure leaves nothing behind
 
   std::mt19937_64 rng(spec.seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -116,13 +113,14 @@ void write_random_model(const std::string& dir, const RandomModelSpec& spec) {
     tensors.push_back(TensorBytes{e.name, safetensors_dtype_name(spec.dtype), e.shape,
                                   storage.back().data(), int64_t(storage.back().size())});
   }
-  const std::filesystem::path d(dir);
+  const std::filesystem::path d(staging.staging());
   write_safetensors((d / "model.safetensors").string(), tensors);
   write_text((d / "config.json").string(), model_config_json(c));
   nlohmann::json g;
   if (c.bos_token_id >= 0) g["bos_token_id"] = c.bos_token_id;
   g["eos_token_id"] = c.eos_token_ids;
   write_text((d / "generation_config.json").string(), g.dump(2) + "\n");
+  staging.commit();
 }
 
 }  // namespace cca::model

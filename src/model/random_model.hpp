@@ -20,7 +20,8 @@ struct RandomModelSpec {
 ModelConfig small_llama_config(int64_t layers, int64_t hidden, int64_t heads, int64_t kv_heads,
                                int64_t intermediate, int64_t vocab, int64_t max_positions);
 
-// Writes the three files into `dir` (created if needed).
+// Writes the three files into `dir`, which must not exist or be an empty directory (its parent
+// must exist). The files are written to a temporary directory renamed to `dir` when complete.
 void write_random_model(const std::string& dir, const RandomModelSpec& spec);
 
 // config.json text for `cfg`, as Hugging Face spells it.

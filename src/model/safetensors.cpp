@@ -8,12 +8,13 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <span>
 #include <sstream>
 
 #include "cca/error.hpp"
+#include "model/output_file.hpp"
 #include "model/untrusted.hpp"
 
 namespace cca::model {
@@ -265,30 +266,15 @@ void write_safetensors(const std::string& path, const std::vector<TensorBytes>& 
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8,
            ' ');  // data starts 8-byte aligned, as the reference writer does
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(out.good(), "cannot write " + tmp);
-    unsigned char len[8];
-    uint64_t n = h.size();
-    for (int i = 0; i < 8; ++i) len[i] = uint8_t(n >> (8 * i));
-    out.write(reinterpret_cast<const char*>(len), 8);
-    out.write(h.data(), std::streamsize(h.size()));
-    for (const TensorBytes& t : tensors)
-      out.write(static_cast<const char*>(t.data), std::streamsize(t.nbytes));
-    out.flush();
-    if (!out.good()) {
-      out.close();
-      std::remove(tmp.c_str());
-      throw Error("error writing " + tmp);
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw Error("cannot rename " + tmp + " to " + path);
-  }
+  unsigned char len[8];
+  const uint64_t n = h.size();
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t(n >> (8 * i));
+  PendingFile out(path);
+  out.write(std::as_bytes(std::span(len)));
+  out.write(h);
+  for (const TensorBytes& t : tensors)
+    out.write(std::span(static_cast<const std::byte*>(t.data), size_t(t.nbytes)));
+  out.commit();
 }
 
 }  // namespace cca::model

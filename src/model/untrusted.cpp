@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -94,24 +95,25 @@ nlohmann::json parse_json(std::string_view text, const std::string& source) {
 }
 
 std::string excerpt(std::string_view s, size_t max_bytes) {
-  size_t cut = s.size();
-  if (cut > max_bytes) {
-    cut = max_bytes;
-    while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
-  }
   std::string out;
-  out.reserve(cut + 32);
-  for (size_t i = 0; i < cut; ++i) {
+  size_t i = 0;
+  while (i < s.size()) {
     const auto c = static_cast<unsigned char>(s[i]);
+    // One character: a control byte escaped (4 bytes), else the bytes of its UTF-8 sequence.
+    std::string piece;
     if (c < 0x20 || c == 0x7F) {
       char esc[8];
       std::snprintf(esc, sizeof esc, "\\x%02X", c);
-      out += esc;
+      piece = esc;
     } else {
-      out += char(c);
+      const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+      piece = s.substr(i, std::min(n, s.size() - i));
     }
+    if (out.size() + piece.size() > max_bytes) break;  // the bound is on what is printed
+    out += piece;
+    i += c < 0x20 || c == 0x7F ? 1 : piece.size();
   }
-  if (cut < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  if (i < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
   return out;
 }
 

@@ -28,8 +28,8 @@ std::string read_text_file(const std::string& path, const std::string& what,
 // comparing and printing a JSON value recurse once per level), or a number out of range (1e400).
 nlohmann::json parse_json(std::string_view text, const std::string& source);
 
-// `s` for an error message: control bytes escaped as \xNN and, when longer than `max_bytes`,
-// cut at a character boundary with the length appended: "abc... (12345 bytes)".
+// `s` for an error message: control bytes escaped as \xNN, at most `max_bytes` of that (cut at a
+// character boundary) and, when cut, the length of `s` appended: "abc... (12345 bytes)".
 std::string excerpt(std::string_view s, size_t max_bytes = 80);
 // A JSON value for an error message: its compact text through excerpt().
 std::string json_excerpt(const nlohmann::json& v, size_t max_bytes = 80);

@@ -251,12 +251,26 @@ class StripNormalizer final : public Normalizer {
   bool left_, right_;
 };
 
+// Nested Sequences are flattened when parsed, so the bound on the growth of the whole chain
+// (checked after every step) bounds every step's input: no nesting multiplies it.
 class SequenceNormalizer final : public Normalizer {
  public:
-  explicit SequenceNormalizer(std::vector<std::unique_ptr<Normalizer>> parts)
-      : parts_(std::move(parts)) {}
+  explicit SequenceNormalizer(std::vector<std::unique_ptr<Normalizer>> parts) {
+    for (auto& p : parts) {
+      if (auto* seq = dynamic_cast<SequenceNormalizer*>(p.get()))
+        for (auto& q : seq->parts_) parts_.push_back(std::move(q));
+      else
+        parts_.push_back(std::move(p));
+    }
+  }
   void normalize(std::string& s) const override {
-    for (const auto& n : parts_) n->normalize(s);
+    const size_t limit = max_growth(s.size());
+    for (const auto& n : parts_) {
+      n->normalize(s);
+      if (s.size() > limit)
+        throw Error("tokenizer: the normalizers make a text longer than " +
+                    std::to_string(limit) + " bytes");
+    }
   }
 
  private:
@@ -540,12 +554,30 @@ class MetaspaceDecoder final : public Decoder {
   bool drop_first_;
 };
 
+// Flattened and bounded as SequenceNormalizer is.
 class SequenceDecoder final : public Decoder {
  public:
-  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> parts)
-      : parts_(std::move(parts)) {}
+  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> parts) {
+    for (auto& p : parts) {
+      if (auto* seq = dynamic_cast<SequenceDecoder*>(p.get()))
+        for (auto& q : seq->parts_) parts_.push_back(std::move(q));
+      else
+        parts_.push_back(std::move(p));
+    }
+  }
   void decode_chain(std::vector<std::string>& tokens) const override {
-    for (const auto& d : parts_) d->decode_chain(tokens);
+    const auto bytes = [&] {
+      size_t n = 0;
+      for (const std::string& t : tokens) n += t.size();
+      return n;
+    };
+    const size_t limit = max_growth(bytes());
+    for (const auto& d : parts_) {
+      d->decode_chain(tokens);
+      if (bytes() > limit)
+        throw Error("tokenizer: the decoders make a text longer than " + std::to_string(limit) +
+                    " bytes");
+    }
   }
 
  private:

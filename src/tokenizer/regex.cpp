@@ -198,7 +198,12 @@ std::string Pattern::replace_all(std::string_view s, std::string_view content) c
   std::string out;
   out.reserve(s.size());
   size_t prev = 0;
+  const size_t limit = max_growth(s.size());
   for (const auto& [b, e] : find_all(s)) {
+    if (out.size() + (b - prev) + content.size() > limit)
+      throw Error("tokenizer: replacing '" + model::excerpt(source_) + "' by '" +
+                  model::excerpt(content) + "' makes a text of " + std::to_string(s.size()) +
+                  " bytes longer than " + std::to_string(limit) + " bytes");
     out.append(s.substr(prev, b - prev));
     out.append(content);
     prev = e;

@@ -1,6 +1,7 @@
 // Patterns of tokenizer.json (Split pre-tokenizer, Replace normalizer/decoder): a literal string
 // or an Oniguruma regex, matched with PCRE2 (UTF + UCP, JIT where available).
 #pragma once
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -15,6 +16,11 @@ namespace cca::tok::detail {
 std::string onig_to_pcre2(std::string_view pattern);
 
 // A compiled pattern. Matching is thread-safe.
+// How long a text may grow in one Replace and in a whole normalizer or decoder chain: far above
+// what real tokenizers do (Replace " " -> "\u2581" triples it), but a bound, where a Sequence
+// of Replaces that each double the text would grow it exponentially.
+inline size_t max_growth(size_t n) { return 16 * n + 4096; }
+
 class Pattern {
  public:
   static Pattern literal(std::string text);
@@ -24,7 +30,8 @@ class Pattern {
   // the tokenizers crate finds them (an empty match never directly follows the previous match).
   std::vector<std::pair<size_t, size_t>> find_all(std::string_view s) const;
 
-  // `s` with every match replaced by `content`.
+  // `s` with every match replaced by `content`. cca::Error when the result would be longer than
+  // max_growth(s.size()): a long content replacing every character is unbounded work.
   std::string replace_all(std::string_view s, std::string_view content) const;
 
   const std::string& source() const { return source_; }

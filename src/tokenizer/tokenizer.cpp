@@ -379,6 +379,8 @@ std::string Tokenizer::id_to_token(int32_t id) const {
   return *t;
 }
 
+bool Tokenizer::has_token(int32_t id) const { return impl_->token_of(id) != nullptr; }
+
 bool Tokenizer::is_special(int32_t id) const {
   const std::string* t = impl_->token_of(id);
   return t && impl_->special_contents.count(*t) > 0;

@@ -49,6 +49,7 @@ class Tokenizer {
   // The token with this id; throws cca::Error when no token has it.
   std::string id_to_token(int32_t id) const;
   bool is_special(int32_t id) const;
+  bool has_token(int32_t id) const;  // some token has this id
 
   // One past the largest id (model vocabulary and added tokens).
   int64_t vocab_size() const;

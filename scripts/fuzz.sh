@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The reliability job (docs/reliability.md): builds everything with clang, AddressSanitizer and
+# UndefinedBehaviorSanitizer plus the libFuzzer harnesses into build-fuzz/ (or $BUILD_DIR), runs
+# the whole test suite under the sanitizers (GPU tests skip), then each fuzz target for $FUZZ_SECONDS seconds
+# (default 20) from the committed inputs of tests/data/fuzz/<target>/. Any sanitizer report,
+# crash, hang (> 10 s) or failed test stops it with a non-zero exit; a fuzzer's failing input is
+# left in $BUILD_DIR/artifacts/<target>/ (commit it to tests/data/fuzz/<target>/ with the fix).
+#   FUZZ_RUNS=N       run each target for N executions instead of a time
+#   FUZZ_TARGETS="a b" only these targets (default: all)
+#   SKIP_TESTS=1      fuzz only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir=${BUILD_DIR:-build-fuzz}
+seconds=${FUZZ_SECONDS:-20}
+
+./scripts/setup.sh
+# clang and its sanitizer/libFuzzer runtimes: needed here only, so installed here.
+missing=()
+for p in clang-14 libclang-rt-14-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo_cmd=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if [ -t 0 ]; then sudo_cmd=(sudo); else sudo_cmd=(sudo -n); fi
+  fi
+  echo "fuzz: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+CC=clang-14 CXX=clang++-14 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCCA_CUDA=OFF -DCCA_SANITIZE=address,undefined -DCCA_FUZZ=ON >/dev/null
+cmake --build "$build_dir" -j"$(nproc)"
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+if [ -z "${SKIP_TESTS:-}" ]; then
+  # The suite as one gtest process per core (shards), not CTest's process per test: a process
+  # of this build is slow to start, and the suite has over 700 tests (docs/reliability.md).
+  start=$SECONDS
+  shards=$(nproc)
+  pids=()
+  for ((i = 0; i < shards; ++i)); do
+    GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i OMP_WAIT_POLICY=passive \
+      "$build_dir/cca_tests" >"$build_dir/tests-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  failed=0
+  for ((i = 0; i < shards; ++i)); do
+    if ! wait "${pids[$i]}"; then
+      grep -E '^\[  FAILED|Failure|ERROR: AddressSanitizer|runtime error' "$build_dir/tests-$i.log" | head -n 40
+      tail -n 40 "$build_dir/tests-$i.log"
+      failed=1
+    fi
+  done
+  if ((failed)); then
+    echo "fuzz: the test suite failed under ASan+UBSan (logs: $build_dir/tests-*.log)" >&2
+    exit 1
+  fi
+  echo "fuzz: the test suite passed under ASan+UBSan in $((SECONDS - start)) s"
+fi
+
+targets=${FUZZ_TARGETS:-$(find "$build_dir" -maxdepth 1 -type f -executable -name 'fuzz_*' |
+  sed 's|.*/fuzz_||' | sort)}
+for t in $targets; do
+  corpus="$build_dir/corpus/$t"
+  artifacts="$build_dir/artifacts/$t/"
+  mkdir -p "$corpus" "$artifacts"
+  if [ -n "${FUZZ_RUNS:-}" ]; then limit=(-runs="$FUZZ_RUNS"); else limit=(-max_total_time="$seconds"); fi
+  echo "== fuzz_$t ${limit[*]}"
+  # New inputs go to the work corpus; the committed ones are read as seeds. Inputs up to 64 KB
+  # (the tokenizer seeds are 7-12 KB); 10 s for one input is a hang; 2 GB of memory an error.
+  "$build_dir/fuzz_$t" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+    -print_final_stats=1 -artifact_prefix="$artifacts" "$corpus" "tests/data/fuzz/$t" \
+    2>"$build_dir/fuzz_$t.log" || {
+    tail -n 60 "$build_dir/fuzz_$t.log"
+    echo "fuzz: fuzz_$t failed; the input is in $artifacts" >&2
+    exit 1
+  }
+  grep -E '^stat::number_of_executed_units|^Done' "$build_dir/fuzz_$t.log" | tr '\n' ' '
+  echo
+done
+echo "fuzz: all targets clean"
