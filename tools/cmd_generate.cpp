@@ -191,7 +191,7 @@ void run_generate(const GenerateArgs& a) {
   if (limit > 0) plan = std::min(plan, std::max(limit, longest));
 
   const int64_t batch = int64_t(prompts.size());
-  engine::Engine eng(a.run.model, a.run.engine_options(plan, batch));
+  engine::Engine eng(a.run.model, a.run.for_model(cfg).engine_options(plan, batch));
   if (!eng.device_plan().note.empty())
     std::fprintf(stderr, "cca: %s\n", eng.device_plan().note.c_str());
   std::vector<engine::GenerateRequest> reqs(prompts.size());

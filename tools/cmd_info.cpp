@@ -30,9 +30,10 @@ constexpr int64_t kLengths[] = {32768, 131072};
 void run_info(const InfoArgs& a) {
   const model::ModelConfig cfg = model::load_model_config(a.run.model);
   const model::Checkpoint ck = model::Checkpoint::open(a.run.model);
+  const ModelRunFlags run = a.run.for_model(cfg);
   model::check_tensors(ck, cfg);
   // What a run with these flags would use here (nothing is loaded).
-  const engine::DevicePlan plan = engine::plan_device(a.run.engine_options(0), cfg, ck);
+  const engine::DevicePlan plan = engine::plan_device(run.engine_options(0), cfg, ck);
   const char* device = plan.device == Device::cuda ? "cuda" : "cpu";
   const int64_t kCacheElemBytes = dtype_size(plan.kv_dtype);
   const model::GenerationConfig gen = model::load_generation_config(a.run.model, cfg);
@@ -50,7 +51,7 @@ void run_info(const InfoArgs& a) {
   std::vector<VariantSpec> variants;
   for (VariantKind k : {VariantKind::full, VariantKind::sliding, VariantKind::streaming,
                         VariantKind::lminfinite, VariantKind::cca})
-    variants.push_back(a.run.spec_for(k));
+    variants.push_back(run.spec_for(k));
 
   if (a.json) {
     nlohmann::json j;
@@ -73,6 +74,7 @@ void run_info(const InfoArgs& a) {
     j["weights_bytes"] = params * dtype_size(plan.dtype);
     j["tokenizer"] = has_tok;
     j["eos_token_ids"] = gen.eos_token_ids;
+    j["checkpoint_attention"] = cfg.attention.describe();  // config.json's "cca" entry
     for (const VariantSpec& v : variants)
       for (int64_t n : kLengths)
         j["kv_bytes"][variant_name(v.kind)][std::to_string(n)] =
@@ -93,6 +95,9 @@ void run_info(const InfoArgs& a) {
               dtype_name(plan.kv_dtype));
   if (!plan.note.empty()) std::printf("              (%s)\n", plan.note.c_str());
   std::printf("tokenizer:    %s\n", has_tok ? "tokenizer.json" : "none (use --ids)");
+  if (!cfg.attention.empty())
+    std::printf("attention:    fine-tuned with %s (config.json \"cca\"; the flags' defaults)\n",
+                cfg.attention.describe().c_str());
   std::string eos;
   for (int64_t id : gen.eos_token_ids) eos += (eos.empty() ? "" : " ") + std::to_string(id);
   std::printf("stop tokens:  %s\n", eos.empty() ? "none" : eos.c_str());

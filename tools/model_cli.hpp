@@ -37,6 +37,10 @@ struct ModelRunFlags : VariantFlags {
   // The context limit in tokens (0 = none): --allow-long-prompt, else --max-context, else the
   // model's max_position_embeddings.
   int64_t context_limit(const model::ModelConfig& cfg) const;
+  // These flags for the model of `cfg`: each attention flag not given on the command line takes
+  // the value of the checkpoint's "cca" entry (cfg.attention), where it has one. Says so on
+  // stderr once when it changes anything.
+  ModelRunFlags for_model(const model::ModelConfig& cfg) const;
 };
 
 // --model (required), --device, --dtype, --kv-dtype and the variant parameters (--group --window
