@@ -3,7 +3,10 @@
 // token onwards), not the whole generation, and the text is released once it is final: a tail
 // that ends in U+FFFD (an incomplete UTF-8 sequence that later byte tokens may complete) waits
 // for the next token, and so does a tail that could be the start of a stop string. A stop
-// string ends the text just before it.
+// string ends the text just before it. The released text equals the decode of all the ids
+// whenever that decode never rewrites earlier characters; a byte-fallback tokenizer does when
+// a run of byte tokens is not UTF-8 (all of the run's bytes become U+FFFD), and the stream then
+// keeps what it released.
 #pragma once
 #include <cstdint>
 #include <functional>
