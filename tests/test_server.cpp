@@ -590,9 +590,10 @@ TEST(Server, ShutdownFinishesOrCancelsInFlightRequestsWithinTheBound) {
   Options o;
   o.parallel = 1;
   o.queue = 4;
-  o.shutdown_timeout_s = 0.3;
+  o.shutdown_timeout_s = 0;  // running requests are cancelled at once (this model is fast
+                             // enough to finish a long one within any short bound)
   auto s = std::make_unique<TestServer>(o);
-  // A stream that would run for long, and a request queued behind it.
+  // A stream that runs, and a request queued behind it.
   std::promise<std::string> streamed;
   std::thread reader([&] {
     const int fd = connect_loopback(s->port);
