@@ -3,6 +3,7 @@
 // SIGINT/SIGTERM: no new requests, running ones finish (or are cancelled after
 // --shutdown-timeout), exit 0.
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -117,14 +118,19 @@ void run_serve(const ServeArgs& a) {
   std::fprintf(stderr, "cca serve: listening on http://%s:%d\n", a.host.c_str(), port);
   std::fflush(stderr);
 
+  std::atomic<bool> served{false};
   std::thread watcher([&] {
     int sig = 0;
     sigwait(&sigs, &sig);
+    if (served) return;
     std::fprintf(stderr, "cca serve: %s: finishing the running requests (at most %.0f s)\n",
                  sig == SIGINT ? "SIGINT" : "SIGTERM", a.shutdown_timeout);
     srv.shutdown();
   });
   srv.serve();
+  // serve() returns after a shutdown, or when listening failed: the watcher then still waits.
+  served = true;
+  pthread_kill(watcher.native_handle(), SIGTERM);
   watcher.join();
   std::fprintf(stderr, "cca serve: stopped\n");
 }

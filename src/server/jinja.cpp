@@ -916,11 +916,14 @@ class Renderer {
         if (a.pos.size() > 2) step = to_int(a.pos[2], line, "range's step");
       }
       if (step == 0) fail(line, "range() step must not be zero");
+      // Its length first: a range beyond the iteration bound is refused before it is built.
+      const long double span = (long double)stop - (long double)start;
+      const long double n = span / step > 0 ? std::ceil(span / step) : 0;
+      if (n + (long double)iterations_ > (long double)Template::kMaxIterations)
+        fail(line, "more than " + std::to_string(Template::kMaxIterations) + " loop iterations");
+      iterations_ += int64_t(n);
       Array r;
-      for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
-        count_iteration(line);
-        r.emplace_back(i);
-      }
+      for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) r.emplace_back(i);
       return Value(std::move(r));
     }
     if (f == "strftime_now") {
