@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts: Debian .debs carried in .deps/ (gtest, CLI11, nlohmann-json,
+# Sourced by the GPU scripts: Debian .debs carried in .deps/ (gtest, CLI11, nlohmann-json, cpp-httplib,
 # OpenBLAS, PCRE2, pkgconf) are unpacked to /opt/deps when the machine lacks them (the device
 # machine has no package access), and the build is pointed at them. Sets ORIG_LD (the library
 # path before, for Python) and PREFIX (extra CMake arguments).

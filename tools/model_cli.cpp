@@ -128,6 +128,8 @@ int32_t TextTokenizer::eos_id() const { return impl_->tok.eos_id().value_or(-1);
 
 bool TextTokenizer::has_token(int32_t id) const { return impl_->tok.has_token(id); }
 
+const tok::Tokenizer& TextTokenizer::tokenizer() const { return impl_->tok; }
+
 std::string read_input_file(const std::string& path, const std::string& flag) {
   std::error_code ec;
   check(std::filesystem::is_regular_file(path, ec), flag + ": file not found: " + path);

@@ -17,6 +17,9 @@ class App;
 }
 
 namespace cca {
+namespace tok {
+class Tokenizer;
+}
 
 struct ModelRunFlags : VariantFlags {
   std::string model;
@@ -62,6 +65,7 @@ class TextTokenizer {
   std::string decode(const model::TokenIds& ids, bool skip_special) const;
   int32_t eos_id() const;  // -1 when the tokenizer names none
   bool has_token(int32_t id) const;  // false for ids decode() drops (none of its tokens)
+  const tok::Tokenizer& tokenizer() const;
 
  private:
   struct Impl;
