@@ -8,7 +8,8 @@
 #             produce its first token.
 # Prints a markdown table last; logs and JSON go to $OUT (default out/gpu_serve).
 #   STAGES="build load capacity" (default); VARIANTS ("cca full"), CLIENTS ("1,8,32"),
-#   PROMPT (32768), GEN (256), LONG (131072), CAP_REQUESTS (200), SERVE_FLAGS override.
+#   PROMPT (32768), GEN (256), LONG (131072), CAP_REQUESTS (200), SERVE_FLAGS override;
+#   VERIFY=0: capacity counts the admitted conversations without waiting for their first tokens.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_serve}
@@ -81,7 +82,8 @@ for V in $VARIANTS; do
       --max-context $((LONG + 64)) || continue
     timeout ${CAP_TIMEOUT:-3600} python3 bench/serve_load.py --url "http://127.0.0.1:$PORT" \
       --label "$V" --capacity --capacity-requests "$CAP_REQUESTS" --prompt-tokens "$LONG" \
-      --max-tokens 64 --vocab 128000 --verify-first-token --verify-timeout ${VERIFY_TIMEOUT:-2400} \
+      --max-tokens 64 --vocab 128000 $([ "${VERIFY:-1}" = 1 ] && echo --verify-first-token) \
+      --verify-timeout ${VERIFY_TIMEOUT:-2400} \
       --json "$OUT/capacity-$V.json" 2>&1 | tee "$OUT/capacity-$V.txt" | tail -3
     stop_server
     results+=("$OUT/capacity-$V.json")
