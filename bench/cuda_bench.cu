@@ -1,8 +1,11 @@
 // GPU timing driver for the cuda backend (issue 3). Prints one JSON line per measurement:
 // cca pooling, cca attend, the whole cca forward (pool + attend), full causal attend, and
-// decode steps over the compressed cache; median of CUDA-event-timed repetitions.
+// decode steps over the compressed cache; median of CUDA-event-timed repetitions. With --bwd,
+// the cca backward too (delta, attention backward, pooling backward; float32 gradients), its
+// parts, and forward + backward; useful FLOPs of the backward count 2.5x the forward's.
 //   cca_cuda_bench [--t-list 4096,16384] [--heads 32:32,32:8] [--decode-ctx 32768,131072]
 //                  [--decode-batch 1,8] [--ragged 131072,98304,...] [--reps 5] [--skip-full]
+//                  [--bwd]
 // Shapes: B=1 prefill, D=128, bf16, g=16, s=1024 (issue 3's benchmark grid).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -119,7 +122,7 @@ int main(int argc, char** argv) {
   // One decode step of 8 sequences of different lengths (a serving batch).
   std::vector<int64_t> ragged = {131072, 98304, 65536, 32768, 16384, 8192, 4096, 1024};
   int reps = 5;
-  bool skip_full = false;
+  bool skip_full = false, bwd = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() { return std::string(i + 1 < argc ? argv[++i] : ""); };
@@ -135,6 +138,8 @@ int main(int argc, char** argv) {
       reps = std::stoi(next());
     else if (a == "--skip-full")
       skip_full = true;
+    else if (a == "--bwd")
+      bwd = true;
     else if (a == "--heads") {
       heads.clear();
       for (const std::string& hp : [&] {
@@ -200,6 +205,71 @@ int main(int argc, char** argv) {
           },
           r);
       emit("cca_fwd", B, T, Hq, Hkv, t_fwd, useful_cca, 0);
+      if (bwd) {
+        // The forward once more with its LSE, then the backward from its out and LSE.
+        Buf lse(B * Hq * T * 4), delta(B * Hq * T * 4), dout(B * T * Hq * D * 2, 4),
+            dq(B * T * Hq * D * 4), dk(B * T * Hkv * D * 4), dv(B * T * Hkv * D * 4),
+            dkc(std::max<int64_t>(4, B * m * Hkv * D * 4)),
+            dvc(std::max<int64_t>(4, B * m * Hkv * D * 4));
+        auto f32 = [](void* p, int64_t b, int64_t t, int64_t h, int64_t d) {
+          return cca::make_view(p, cca::DType::f32, {b, t, h, d}, cca::Device::cuda);
+        };
+        cca::AttendProblem fl = ap;
+        fl.lse = cca::make_view(lse.p, cca::DType::f32, {B, Hq, T}, cca::Device::cuda);
+        be.pool(pp);
+        be.attend(fl);
+        cca::AttendBwdProblem ab;
+        ab.q = ap.q;
+        ab.k = pp.raw.k;
+        ab.v = pp.raw.v;
+        ab.k_core = pp.k_core;
+        ab.v_core = pp.v_core;
+        ab.out = ap.out;
+        ab.dout = view(dout.p, B, T, Hq, D);
+        ab.lse = fl.lse;
+        ab.delta = cca::make_view(delta.p, cca::DType::f32, {B, Hq, T}, cca::Device::cuda);
+        ab.dq = f32(dq.p, B, T, Hq, D);
+        ab.dk = f32(dk.p, B, T, Hkv, D);
+        ab.dv = f32(dv.p, B, T, Hkv, D);
+        if (m > 0) {
+          ab.dk_core = f32(dkc.p, B, m, Hkv, D);
+          ab.dv_core = f32(dvc.p, B, m, Hkv, D);
+        }
+        ab.variant = vc;
+        ab.scale = ap.scale;
+        cca::PoolBwdProblem pb;
+        pb.q = ab.q;
+        pb.k = ab.k;
+        pb.v = ab.v;
+        pb.dk_core = ab.dk_core;
+        pb.dv_core = ab.dv_core;
+        pb.dq = ab.dq;
+        pb.dk = ab.dk;
+        pb.dv = ab.dv;
+        pb.variant = vc;
+        pb.scale = ap.scale;
+        auto backward = [&] {
+          be.attend_bwd_delta(ab);
+          be.attend_bwd(ab);
+          if (m > 0) be.pool_bwd(pb);
+        };
+        const double t_bwd_attend = median_ms([&] { be.attend_bwd(ab); }, r);
+        emit("cca_bwd_attend", B, T, Hq, Hkv, t_bwd_attend, 2.5 * useful_cca, 0);
+        if (m > 0) {
+          const double t_bwd_pool = median_ms([&] { be.pool_bwd(pb); }, r);
+          emit("cca_bwd_pool", B, T, Hq, Hkv, t_bwd_pool, 0, 0);
+        }
+        const double t_bwd = median_ms(backward, r);
+        emit("cca_bwd", B, T, Hq, Hkv, t_bwd, 2.5 * useful_cca, 0);
+        const double t_fwd_bwd = median_ms(
+            [&] {
+              be.pool(pp);
+              be.attend(fl);
+              backward();
+            },
+            r);
+        emit("cca_fwd_bwd", B, T, Hq, Hkv, t_fwd_bwd, 3.5 * useful_cca, 0);
+      }
       if (!skip_full) {
         cca::AttendProblem fp = ap;
         fp.core = cca::KvSegment{};

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build-fuzz}
 seconds=${FUZZ_SECONDS:-20}
 
-./scripts/setup.sh  # clang-14 and its sanitizer and libFuzzer runtimes among the rest
+./scripts/setup.sh clang-14 libclang-rt-14-dev  # and clang, its sanitizer and libFuzzer runtimes
 
 CC=clang-14 CXX=clang++-14 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCCA_CUDA=OFF -DCCA_SANITIZE=address,undefined -DCCA_FUZZ=ON >/dev/null

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages the build needs. Idempotent and quiet: when every package is
-# already installed it changes nothing and needs no network.
+# Installs the Debian 12 packages the build needs, and any packages named as arguments (the
+# reliability job adds clang's). Idempotent and quiet: when every package is already installed it
+# changes nothing and needs no network.
 set -euo pipefail
 
 packages=(
@@ -8,7 +9,8 @@ packages=(
   googletest libgtest-dev                # tests
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
   libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
-  clang-14 libclang-rt-14-dev           # sanitizer build and fuzzing (scripts/fuzz.sh)
+  python3-torch python3-numpy           # the Python package (python/) and its tests
+  "$@"
 )
 
 missing=()

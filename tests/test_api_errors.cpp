@@ -266,6 +266,91 @@ TEST(ApiErrors, CcaPoolRejectsBadInput) {
   }
 }
 
+struct BadBwd {
+  const char* name;
+  std::function<void(Fixture&, AttnBwdParams&)> mutate;
+  std::vector<std::string> words;
+};
+
+// attn_bwd: the forward's out and lse are inputs; dq, dk, dv are the outputs that must stay
+// untouched.
+TEST(ApiErrors, AttnBwdRejectsBadInput) {
+  Fixture f;
+  const VariantSpec var = VariantSpec::cca(2, 4);
+  ASSERT_NO_THROW(attn_fwd(f.params(var)));
+  Tensor dout = alloc(DType::f32, {kB, kT, kHq, kD});
+  fill_normal(dout.view, f.rng);
+  const Qkv grads = alloc_qkv(kB, kT, kHq, kHkv, kD, DType::f32, Layout::contiguous);
+  const std::vector<Tensor> outputs = {grads.q, grads.k, grads.v};
+  auto params = [&] {
+    AttnBwdParams p;
+    p.q = f.in.q.view;
+    p.k = f.in.k.view;
+    p.v = f.in.v.view;
+    p.out = f.out.view;
+    p.lse = f.lse.view;
+    p.dout = dout.view;
+    p.dq = grads.q.view;
+    p.dk = grads.k.view;
+    p.dv = grads.v.view;
+    p.variant = var;
+    return p;
+  };
+  const std::vector<BadBwd> cases = {
+      {"g = 0", [](Fixture&, AttnBwdParams& p) { p.variant.group = 0; }, {"group", "0"}},
+      {"lse missing", [](Fixture&, AttnBwdParams& p) { p.lse = {}; }, {"lse", "missing"}},
+      {"lse [B, T, Hq]",
+       [](Fixture& f, AttnBwdParams& p) { p.lse = f.input(DType::f32, {kB, kT, kHq}); },
+       {"lse", "shape"}},
+      {"lse bfloat16",
+       [](Fixture& f, AttnBwdParams& p) { p.lse = f.input(DType::bf16, {kB, kHq, kT}); },
+       {"lse", "float32"}},
+      {"out missing", [](Fixture&, AttnBwdParams& p) { p.out = {}; }, {"out", "missing"}},
+      {"out float16",
+       [](Fixture& f, AttnBwdParams& p) { p.out = f.input(DType::f16, {kB, kT, kHq, kD}); },
+       {"out", "dtype"}},
+      {"dout missing", [](Fixture&, AttnBwdParams& p) { p.dout = {}; }, {"dout", "missing"}},
+      {"dout T + 1",
+       [](Fixture& f, AttnBwdParams& p) { p.dout = f.input(DType::f32, {kB, kT + 1, kHq, kD}); },
+       {"dout", "shape"}},
+      {"dout bfloat16",
+       [](Fixture& f, AttnBwdParams& p) { p.dout = f.input(DType::bf16, {kB, kT, kHq, kD}); },
+       {"dout", "dtype", "bfloat16"}},
+      {"dq with Hkv heads",
+       [](Fixture& f, AttnBwdParams& p) { p.dq = f.output(DType::f32, {kB, kT, kHkv, kD}); },
+       {"dq", "shape"}},
+      {"dk with Hq heads",
+       [](Fixture& f, AttnBwdParams& p) { p.dk = f.output(DType::f32, {kB, kT, kHq, kD}); },
+       {"dk", "shape"}},
+      {"dv missing", [](Fixture&, AttnBwdParams& p) { p.dv = {}; }, {"dv", "missing"}},
+      {"dv 3-d",
+       [](Fixture& f, AttnBwdParams& p) { p.dv = f.output(DType::f32, {kB, kT, kHkv * kD}); },
+       {"dv", "4 dimensions"}},
+      {"dq on the GPU", [](Fixture&, AttnBwdParams& p) { p.dq.device = Device::cuda; },
+       {"dq", "device"}},
+      {"k bfloat16",
+       [](Fixture& f, AttnBwdParams& p) { p.k = f.input(DType::bf16, {kB, kT, kHkv, kD}); },
+       {"dtype", "bfloat16"}},
+  };
+  ASSERT_NO_THROW(attn_bwd(params()));
+  for (const Tensor& g : outputs) ASSERT_TRUE(fully_written(g));
+  for (const BadBwd& c : cases) {
+    SCOPED_TRACE(c.name);
+    AttnBwdParams p = params();
+    c.mutate(f, p);
+    std::vector<Tensor> watched = outputs;
+    watched.insert(watched.end(), f.outputs.begin() + 2, f.outputs.end());  // f.output() spares
+    for (BackendKind be : {BackendKind::ref, BackendKind::cpu}) {
+      p.run.backend = be;
+      expect_rejected([&] { attn_bwd(p); }, watched, c.words);
+    }
+  }
+  // Host tensors with the cuda backend: unavailable here, or (with a GPU) in the wrong memory.
+  AttnBwdParams p = params();
+  p.run.backend = BackendKind::cuda;
+  expect_rejected([&] { attn_bwd(p); }, outputs, {"cuda"});
+}
+
 TEST(ApiErrors, ParsersNameTheChoices) {
   expect_rejected([] { parse_variant("ccaa"); }, {}, {"ccaa", "sliding", "cca"});
   expect_rejected([] { parse_pool("avg"); }, {}, {"avg", "mean", "max"});

@@ -6,20 +6,12 @@
 #include <map>
 
 #include "backend.hpp"
+#include "consistency.hpp"
 #include "test_util.hpp"
 #include "tolerance.hpp"
 
 namespace cca::test {
 namespace {
-
-struct Case {
-  VariantSpec variant;
-  int64_t B, T, Hq, Hkv, D;
-  DType dtype;
-  Layout layout;
-  int threads;
-  std::string name;
-};
 
 // Worst errors over the run, for the summary printed at the end of the suite.
 struct Worst {
@@ -39,6 +31,8 @@ void record(const std::string& key, const Diff& out, const Diff& lse, double rat
   ++w.cases;
 }
 
+}  // namespace
+
 std::string case_name(const Case& c) {
   std::ostringstream name;
   name << variant_tag(c.variant) << "_B" << c.B << "_T" << c.T << "_Hq" << c.Hq << "_Hkv" << c.Hkv
@@ -46,6 +40,8 @@ std::string case_name(const Case& c) {
        << c.threads;
   return name.str();
 }
+
+namespace {
 
 // The grid, in three parts.
 // 1. Short: the risky axes (variant incl. pool/pool_heads, T, dtype) crossed in full for two
@@ -118,6 +114,23 @@ std::string unsupported(BackendKind be, const Qkv& in, const VariantSpec& varian
   return get_backend(be, dev).unsupported(a);
 }
 
+// The same for the backward: the inputs' dtype, shapes and device, the variant and scale.
+std::string unsupported_bwd(BackendKind be, const Qkv& in, const Tensor& dout,
+                            const VariantSpec& variant) {
+  const Device dev = device_of(be);
+  const OnDevice q(in.q, dev), k(in.k, dev), v(in.v, dev), g(dout, dev);
+  AttendBwdProblem a;
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.out = a.dout = g.view();
+  a.variant = variant;
+  a.scale = variant.scale_for(in.q.view.shape[3]);
+  return get_backend(be, dev).unsupported_bwd(a);
+}
+
+}  // namespace
+
 // Runs case `c` on every backend in `backends` and checks each against the reference; counts
 // the backends that ran it in `ran`.
 void check_case(const Case& c, const std::vector<BackendKind>& backends, int& ran) {
@@ -171,14 +184,16 @@ void check_case(const Case& c, const std::vector<BackendKind>& backends, int& ra
   }
 }
 
+namespace {
+
 class Consistency : public ::testing::TestWithParam<Case> {
  public:
   static void TearDownTestSuite() {
     std::printf("\nWorst errors against the float64 reference (oracle: ref, float32 storage):\n");
-    std::printf("%-18s %6s %12s %12s %12s %10s\n", "backend/dtype", "cases", "max_abs", "rel_l2",
+    std::printf("%-20s %6s %12s %12s %12s %10s\n", "backend/dtype", "cases", "max_abs", "rel_l2",
                 "lse_abs", "err/bound");
     for (const auto& [key, w] : worst_table())
-      std::printf("%-18s %6d %12.3e %12.3e %12.3e %10.3f\n", key.c_str(), w.cases, w.max_abs,
+      std::printf("%-20s %6d %12.3e %12.3e %12.3e %10.3f\n", key.c_str(), w.cases, w.max_abs,
                   w.rel_l2, w.lse_abs, w.ratio);
   }
 };
@@ -190,6 +205,122 @@ TEST_P(Consistency, MatchesRef) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, Consistency, ::testing::ValuesIn(make_grid()),
                          [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
+
+}  // namespace
+
+// ---- grad mode: attn_bwd against the reference's ---------------------------------------------
+// Oracle: ref forward and backward on float32 copies of the rounded inputs and output gradient
+// (float64 math, float32 gradients). Naive: ref forward and backward at the test dtype (inputs,
+// out, core tokens and gradients stored in the dtype). Each backend runs its own forward for out
+// and lse, then its backward into gradients of the test dtype and layout; the rule is the
+// forward's, err(backend) <= 2 err(naive) + floor, for dq, dk and dv separately.
+void check_grad_case(const Case& c, const std::vector<BackendKind>& backends, int& ran) {
+  Rng rng(seed_of("grad_" + c.name));
+  const Qkv in = make_qkv(c.B, c.T, c.Hq, c.Hkv, c.D, c.dtype, c.layout, rng);
+  const Layout out_layout = c.layout == Layout::packed ? Layout::contiguous : c.layout;
+  Tensor dout = alloc(c.dtype, {c.B, c.T, c.Hq, c.D}, out_layout);
+  fill_normal(dout.view, rng);
+
+  const Qkv in32{convert(in.q.view, DType::f32), convert(in.k.view, DType::f32),
+                 convert(in.v.view, DType::f32)};
+  const Tensor dout32 = convert(dout.view, DType::f32);
+  const AttnOut oracle_fwd = run_attn(BackendKind::ref, in32.q, in32.k, in32.v, c.variant);
+  const Qkv oracle =
+      run_attn_bwd(BackendKind::ref, in32, oracle_fwd, dout32, c.variant, DType::f32);
+  const Tensor* want[3] = {&oracle.q, &oracle.k, &oracle.v};
+  const char* names[3] = {"dq", "dk", "dv"};
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(fully_written(*want[i])) << "ref " << names[i];
+
+  // With T = 1 each query sees only itself: a softmax over one key has zero derivative, so dq
+  // and dk are 0 up to rounding noise and only their max_abs is checked.
+  const ConsistencyTolerance tol = grad_tolerance(c.dtype);
+  Bound bound[3], cap[3];
+  for (int i = 0; i < 3; ++i) {
+    const double no_rel = c.T == 1 && i < 2 ? INFINITY : 0;
+    bound[i] = {tol.floor.max_abs, std::max(tol.floor.rel_l2, no_rel)};
+    cap[i] = {tol.naive_cap.max_abs, std::max(tol.naive_cap.rel_l2, no_rel)};
+  }
+  if (c.dtype != DType::f32) {
+    const AttnOut fwd = run_attn(BackendKind::ref, in.q, in.k, in.v, c.variant);
+    const Qkv naive = run_attn_bwd(BackendKind::ref, in, fwd, dout, c.variant, c.dtype);
+    const Tensor* got[3] = {&naive.q, &naive.k, &naive.v};
+    for (int i = 0; i < 3; ++i) {
+      const Diff d = diff(got[i]->view, want[i]->view);
+      EXPECT_LE(d.max_abs, cap[i].max_abs) << "ref " << names[i] << " in " << dtype_name(c.dtype);
+      EXPECT_LE(d.rel_l2, cap[i].rel_l2) << "ref " << names[i] << " in " << dtype_name(c.dtype);
+      bound[i] = {kNaiveFactor * d.max_abs + bound[i].max_abs,
+                  kNaiveFactor * d.rel_l2 + bound[i].rel_l2};
+      if (c.T > 1) record(std::string("grad ref(naive)/") + dtype_tag(c.dtype), d, Diff{}, 0);
+    }
+  }
+
+  for (BackendKind be : backends) {
+    if (be == BackendKind::ref) continue;
+    SCOPED_TRACE(std::string("backend ") + backend_name(be));
+    const std::string why = unsupported_bwd(be, in, dout, c.variant);
+    if (!why.empty()) {
+      std::printf("[ note     ] %s: %s does not run this case: %s\n", c.name.c_str(),
+                  backend_name(be), why.c_str());
+      continue;
+    }
+    const AttnOut fwd = run_attn(be, in.q, in.k, in.v, c.variant, out_layout, c.threads);
+    const Qkv grads = run_attn_bwd(be, in, fwd, dout, c.variant, c.dtype, c.layout, c.threads);
+    ++ran;
+    const Tensor* got[3] = {&grads.q, &grads.k, &grads.v};
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(fully_written(*got[i])) << names[i];
+      expect_close(got[i]->view, want[i]->view, bound[i].max_abs, bound[i].rel_l2, names[i]);
+      const Diff d = diff(got[i]->view, want[i]->view);
+      if (c.T > 1)
+        record(std::string("grad ") + backend_name(be) + "/" + dtype_tag(c.dtype), d, Diff{},
+               std::max(d.max_abs / bound[i].max_abs, d.rel_l2 / bound[i].rel_l2));
+    }
+  }
+}
+
+namespace {
+
+// The forward's grid (every variant, pool and pool_heads, odd T, T below s, g not dividing s,
+// GQA, batch 2, every dtype and layout), one test per variant configuration (30) rather than per
+// case: each test is a process under ctest, and the cases are small.
+struct GradGroup {
+  std::string name;
+  std::vector<Case> cases;
+};
+void PrintTo(const GradGroup& g, std::ostream* os) { *os << g.name; }
+
+std::vector<GradGroup> make_grad_groups() {
+  std::vector<GradGroup> groups;
+  for (const Case& c : make_grid()) {
+    VariantSpec unscaled = c.variant;
+    unscaled.scale = NAN;
+    const std::string key = variant_tag(unscaled);
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const GradGroup& g) { return g.name == key; });
+    if (it == groups.end()) it = groups.insert(groups.end(), GradGroup{key, {}});
+    it->cases.push_back(c);
+  }
+  return groups;
+}
+
+class ConsistencyGrad : public ::testing::TestWithParam<GradGroup> {
+ public:
+  static void TearDownTestSuite() { Consistency::TearDownTestSuite(); }
+};
+
+TEST_P(ConsistencyGrad, MatchesRef) {
+  for (const Case& c : GetParam().cases) {
+    SCOPED_TRACE(c.name);
+    int ran = 0;
+    check_grad_case(c, available_backends(), ran);
+    EXPECT_GT(ran, 0) << "no backend other than ref ran the backward";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, ConsistencyGrad, ::testing::ValuesIn(make_grad_groups()),
+                         [](const ::testing::TestParamInfo<GradGroup>& info) {
                            return info.param.name;
                          });
 
@@ -277,6 +408,22 @@ TEST(ConsistencyCuda, MatchesRef) {
     documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
   }
   EXPECT_GE(ran, documented) << "cuda declined cases it documents as supported";
+  EXPECT_GT(ran, 0);
+}
+
+// The same for grad mode: every 5th grid case's backward on cuda alone, and cuda must run the
+// cases of its documented support (float16/bfloat16, D 64 or 128; docs/cuda.md).
+TEST(ConsistencyCuda, GradMatchesRef) {
+  const std::string why = backend_unavailable_reason(BackendKind::cuda);
+  if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
+  const std::vector<Case> grid = make_grid();
+  int ran = 0, documented = 0;
+  for (size_t i = 0; i < grid.size(); i += 5) {
+    SCOPED_TRACE(grid[i].name);
+    check_grad_case(grid[i], {BackendKind::cuda}, ran);
+    documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
+  }
+  EXPECT_GE(ran, documented) << "cuda declined backward cases it documents as supported";
   EXPECT_GT(ran, 0);
 }
 

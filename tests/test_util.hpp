@@ -215,8 +215,9 @@ struct Qkv {
   Tensor q, k, v;
 };
 
-inline Qkv make_qkv(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, DType dt,
-                    Layout layout, Rng& rng) {
+// Poisoned q, k, v (or dq, dk, dv) tensors in `layout`.
+inline Qkv alloc_qkv(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, DType dt,
+                     Layout layout) {
   Qkv r;
   if (layout == Layout::packed) {
     Tensor all = alloc(dt, {B, T, Hq + 2 * Hkv, D});
@@ -229,6 +230,12 @@ inline Qkv make_qkv(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, DT
     r.k = alloc(dt, {B, T, Hkv, D}, layout);
     r.v = alloc(dt, {B, T, Hkv, D}, layout);
   }
+  return r;
+}
+
+inline Qkv make_qkv(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, DType dt,
+                    Layout layout, Rng& rng) {
+  Qkv r = alloc_qkv(B, T, Hq, Hkv, D, dt, layout);
   fill_normal(r.q.view, rng);
   fill_normal(r.k.view, rng);
   fill_normal(r.v.view, rng);
@@ -418,6 +425,39 @@ inline AttnOut run_attn(BackendKind be, const Tensor& q, const Tensor& k, const 
   dout.download();
   dlse.download();
   return r;
+}
+
+// attn_bwd on backend `be` from the forward's out and lse: fresh poisoned gradients of dtype
+// `grad_dtype` in `layout` (packed is taken as contiguous, as for run_attn's out).
+inline Qkv run_attn_bwd(BackendKind be, const Qkv& in, const AttnOut& fwd, const Tensor& dout,
+                        const VariantSpec& variant, DType grad_dtype,
+                        Layout layout = Layout::contiguous, int threads = 0,
+                        bool deterministic = false) {
+  const TensorView &qv = in.q.view, &kv = in.k.view;
+  Qkv g = alloc_qkv(qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2], qv.shape[3], grad_dtype,
+                    layout == Layout::packed ? Layout::contiguous : layout);
+  const Device dev = device_of(be);
+  OnDevice q(in.q, dev), k(in.k, dev), v(in.v, dev), out(fwd.out, dev), lse(fwd.lse, dev),
+      gout(dout, dev), dq(g.q, dev), dk(g.k, dev), dv(g.v, dev);
+  AttnBwdParams p;
+  p.q = q.view();
+  p.k = k.view();
+  p.v = v.view();
+  p.out = out.view();
+  p.lse = lse.view();
+  p.dout = gout.view();
+  p.dq = dq.view();
+  p.dk = dk.view();
+  p.dv = dv.view();
+  p.variant = variant;
+  p.run.backend = be;
+  p.run.threads = threads;
+  p.deterministic = deterministic;
+  attn_bwd(p);
+  dq.download();
+  dk.download();
+  dv.download();
+  return g;
 }
 
 struct PoolOut {

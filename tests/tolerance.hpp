@@ -41,6 +41,22 @@ inline ConsistencyTolerance consistency_tolerance(DType dt) {
   return {};
 }
 
+// Backward (grad mode, the same rule for dq, dk and dv). A key's gradient sums over every query
+// that sees it (up to ~700 here), so errors are larger than the output's. Measured worst errors
+// (docs/numerics.md): cpu float32 1.4e-5 / 1.2e-6 (floor 5x that), naive float16 5.5e-3 /
+// 4.9e-4 and naive bfloat16 3.3e-2 / 4.1e-3 (caps 2x that). The LSE field is unused.
+inline ConsistencyTolerance grad_tolerance(DType dt) {
+  switch (dt) {
+    case DType::f32:
+      return {{7e-5, 6e-6}, 0, {0, 0}};
+    case DType::f16:
+      return {{2e-3, 4e-4}, 0, {1.1e-2, 1e-3}};
+    case DType::bf16:
+      return {{1.6e-2, 3.2e-3}, 0, {6.4e-2, 8e-3}};
+  }
+  return {};
+}
+
 // ---- same-backend identities (test_kv_cache.cpp, test_metamorphic.cpp) -------------------------
 // Two computations of the same function on one backend that differ only in summation order or
 // tiling (decode vs prefill, chunked vs one-shot, a wide window vs full): float32 accumulation
@@ -67,6 +83,12 @@ inline Bound cross_kernel_tolerance(DType dt) {
   const Bound b = identity_tolerance(dt);
   return dt == DType::f32 ? b : Bound{2 * b.max_abs, 2 * b.rel_l2};
 }
+
+// ---- backward: ref against central finite differences of the float64 forward -------------------
+// Step h = 1e-4: truncation error ~h^2/6 |L'''| ~ 1e-9, cancellation ~1e-16 |L| / h ~ 1e-12; the
+// gradients themselves are float32, computed from the float32 out and LSE (relative ~1e-7).
+// max_abs is relative to the largest gradient element (at least 1).
+constexpr Bound kFdGrad = {1e-5, 1e-5};
 
 // ---- library (float32 storage) against a float64 computation written in the test --------------
 // Float32 inputs are exact in float64; the library's results are float32, rounded once after

@@ -1,7 +1,11 @@
 // `cca bench attention`: wall time and useful GFLOP/s of attn_fwd for each variant over a list of
 // sequence lengths, on random inputs. Useful FLOPs = 4 D Hq B (visible keys summed over queries),
 // counted with the same policy (visible_keys) the kernels use, so masked-out work never counts.
-// cca times include pooling (attn_fwd pools, then attends).
+// cca times include pooling (attn_fwd pools, then attends). With --bwd it also times attn_bwd
+// (pooling recomputed and differentiated included), whose useful FLOPs count as 2.5x the
+// forward's (the convention of FlashAttention's benchmarks: 5 matrix products against 2). With
+// --backend cuda the inputs are copied to the GPU once and every timed call ends with a device
+// synchronisation, so the times are the calls' whole cost (workspace allocation included).
 #include <time.h>
 
 #include <CLI/CLI.hpp>
@@ -16,6 +20,7 @@
 
 #include "backend.hpp"
 #include "cca/cca.hpp"
+#include "cca/device.hpp"
 #include "commands.hpp"
 #include "flag_limits.hpp"
 #include "variant_flags.hpp"
@@ -32,6 +37,7 @@ struct BenchArgs : VariantFlags {
   int64_t batch = 1, heads = 8, kv_heads = 8, dim = 64;
   std::string dtype = "float32";
   int reps = 3;
+  bool bwd = false;
 };
 
 DType parse_bench_dtype(const std::string& s) {
@@ -47,13 +53,15 @@ double useful_flops(const VariantSpec& v, int64_t B, int64_t T, int64_t Hq, int6
   return 4.0 * double(D) * double(Hq) * double(B) * pairs;
 }
 
-// A [B, T, H, D] tensor of uniform values in [-1, 1), never all zeros; `seed` picks the stream.
+// A [B, T, H, D] tensor of uniform values in [-1, 1), never all zeros; `seed` picks the stream
+// (seed 0: zeros, for outputs).
 struct RandomTensor {
   std::vector<char> bytes;
   TensorView view;
   RandomTensor(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, uint64_t seed) {
     bytes.resize(size_t(B * T * H * D * dtype_size(dt)));
     view = make_view(bytes.data(), dt, {B, T, H, D});
+    if (seed == 0) return;
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     const int64_t n = view.numel();
     for (int64_t i = 0; i < n; ++i) {  // splitmix64: fast, and plenty for benchmark inputs
@@ -63,6 +71,26 @@ struct RandomTensor {
       z ^= z >> 31;
       view.store(i, float(double(z >> 40) * 0x1.0p-23 - 1.0));
     }
+  }
+};
+
+// A RandomTensor where the backend reads it: the host tensor itself, or a copy in GPU memory.
+struct BenchTensor {
+  RandomTensor host;
+  std::shared_ptr<void> gpu;
+  TensorView view;
+  BenchTensor(RandomTensor h, bool on_gpu) : host(std::move(h)), view(host.view) {
+    if (!on_gpu) return;
+    const int64_t bytes = int64_t(host.bytes.size());
+    gpu = std::shared_ptr<void>(device_alloc(bytes), [](void* p) { device_free(p); });
+    copy_to_device(gpu.get(), host.bytes.data(), bytes);
+    view.data = gpu.get();
+    view.device = Device::cuda;
+  }
+  // The current values on the host (copied back from the GPU where they live there).
+  const TensorView& fetch() {
+    if (gpu) copy_to_host(host.bytes.data(), gpu.get(), int64_t(host.bytes.size()));
+    return host.view;
   }
 };
 
@@ -103,26 +131,41 @@ void run_bench_attention(const BenchArgs& a) {
   for (VariantKind k : kinds) a.spec_for(k);  // validates
   const std::string why = backend_unavailable_reason(backend);
   check(why.empty(), std::string("backend ") + backend_name(backend) + " unavailable: " + why);
-  // Inputs live in host memory; the backend interface has no host-to-device copy yet.
-  check(backend != BackendKind::cuda,
-        "bench attention --backend cuda is not supported yet: the benchmark's inputs are in host "
-        "memory");
+  const bool gpu = backend == BackendKind::cuda;
 
   if (!a.json) {
     std::printf(
-        "attn_fwd: backend %s, threads %s, B=%lld Hq=%lld Hkv=%lld D=%lld %s, "
+        "%s: backend %s, threads %s, B=%lld Hq=%lld Hkv=%lld D=%lld %s, "
         "cca g=%lld s=%lld, sliding/streaming/lminfinite window=%lld sinks=%lld, "
         "median of %d after 1 warm-up\n",
-        a.backend.c_str(), a.threads ? std::to_string(a.threads).c_str() : "all",
-        (long long)a.batch, (long long)a.heads, (long long)a.kv_heads, (long long)a.dim,
-        dtype_name(dt), (long long)a.group, (long long)a.window, (long long)a.window,
-        (long long)a.sinks, a.reps);
-    std::printf("%-11s %7s %11s %9s %15s %10s\n", "variant", "T", "ms", "GFLOP/s",
-                "speedup_vs_full", "cores_busy");
+        a.bwd ? "attn_fwd and attn_bwd" : "attn_fwd", a.backend.c_str(),
+        a.threads ? std::to_string(a.threads).c_str() : "all", (long long)a.batch,
+        (long long)a.heads, (long long)a.kv_heads, (long long)a.dim, dtype_name(dt),
+        (long long)a.group, (long long)a.window, (long long)a.window, (long long)a.sinks, a.reps);
+    if (a.bwd)
+      std::printf("%-11s %7s %11s %9s %11s %9s %8s %10s\n", "variant", "T", "fwd_ms", "GFLOP/s",
+                  "bwd_ms", "GFLOP/s", "bwd/fwd", "cores_busy");
+    else
+      std::printf("%-11s %7s %11s %9s %15s %10s\n", "variant", "T", "ms", "GFLOP/s",
+                  "speedup_vs_full", "cores_busy");
   }
   for (int64_t T : a.t_list) {
-    RandomTensor q(dt, a.batch, T, a.heads, a.dim, 1), k(dt, a.batch, T, a.kv_heads, a.dim, 2),
-        v(dt, a.batch, T, a.kv_heads, a.dim, 3), out(dt, a.batch, T, a.heads, a.dim, 4);
+    auto tensor = [&](DType t, int64_t H, uint64_t seed) {
+      return BenchTensor(RandomTensor(t, a.batch, T, H, a.dim, seed), gpu);
+    };
+    BenchTensor q = tensor(dt, a.heads, 1), k = tensor(dt, a.kv_heads, 2),
+                v = tensor(dt, a.kv_heads, 3), out = tensor(dt, a.heads, 0);
+    // Backward only: the forward's LSE, an output gradient and the input gradients.
+    std::unique_ptr<BenchTensor> lse, dout, dq, dk, dv;
+    if (a.bwd) {
+      RandomTensor l(DType::f32, 1, a.batch, a.heads, T, 0);
+      l.view = make_view(l.bytes.data(), DType::f32, {a.batch, a.heads, T});
+      lse = std::make_unique<BenchTensor>(std::move(l), gpu);
+      dout = std::make_unique<BenchTensor>(tensor(dt, a.heads, 6));
+      dq = std::make_unique<BenchTensor>(tensor(dt, a.heads, 0));
+      dk = std::make_unique<BenchTensor>(tensor(dt, a.kv_heads, 0));
+      dv = std::make_unique<BenchTensor>(tensor(dt, a.kv_heads, 0));
+    }
     double full_ms = NAN;
     for (VariantKind kind : kinds) {
       AttnFwdParams p;
@@ -130,32 +173,61 @@ void run_bench_attention(const BenchArgs& a) {
       p.k = k.view;
       p.v = v.view;
       p.out = out.view;
+      if (a.bwd) p.lse = lse->view;
       p.variant = a.spec_for(kind);
       p.run.backend = backend;
       p.run.threads = a.threads;
-      std::vector<double> ms;
       double cpu_s = 0, wall_s = 0;
-      for (int rep = 0; rep <= a.reps; ++rep) {  // rep 0 is the warm-up
-        const double c0 = process_cpu_seconds();
-        const auto t0 = std::chrono::steady_clock::now();
-        attn_fwd(p);
-        const auto t1 = std::chrono::steady_clock::now();
-        const double c1 = process_cpu_seconds();
-        if (rep == 0) continue;
-        ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-        cpu_s += c1 - c0;
-        wall_s += std::chrono::duration<double>(t1 - t0).count();
+      // Median wall time of `reps` runs of f after one warm-up; adds up CPU and wall seconds.
+      auto time_ms = [&](const auto& f) {
+        std::vector<double> ms;
+        for (int rep = 0; rep <= a.reps; ++rep) {  // rep 0 is the warm-up
+          const double c0 = process_cpu_seconds();
+          const auto t0 = std::chrono::steady_clock::now();
+          f();
+          if (gpu) device_synchronize();
+          const auto t1 = std::chrono::steady_clock::now();
+          const double c1 = process_cpu_seconds();
+          if (rep == 0) continue;
+          ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+          cpu_s += c1 - c0;
+          wall_s += std::chrono::duration<double>(t1 - t0).count();
+        }
+        return median(ms);
+      };
+      // A broken kernel must not pass for a fast one: every value must be finite.
+      auto check_finite = [&](BenchTensor& x, const char* what) {
+        const TensorView& t = x.fetch();
+        for (int64_t i = 0, n = t.numel(); i < n; ++i)
+          if (!std::isfinite(t.load(i)))
+            throw Error(std::string("bench: ") + variant_name(kind) + " produced a non-finite " +
+                        what);
+      };
+      const double t_ms = time_ms([&] { attn_fwd(p); });
+      check_finite(out, "output");
+      double bwd_ms = NAN;
+      if (a.bwd) {
+        AttnBwdParams bp;
+        bp.q = q.view;
+        bp.k = k.view;
+        bp.v = v.view;
+        bp.out = out.view;
+        bp.lse = lse->view;
+        bp.dout = dout->view;
+        bp.dq = dq->view;
+        bp.dk = dk->view;
+        bp.dv = dv->view;
+        bp.variant = p.variant;
+        bp.run = p.run;
+        bwd_ms = time_ms([&] { attn_bwd(bp); });
+        for (BenchTensor* g : {dq.get(), dk.get(), dv.get()}) check_finite(*g, "gradient");
       }
       // Cores busy on average: below the thread count means the threads waited for the CPU
       // (other processes on the machine), so the time is not a clean measurement.
       const double cores = cpu_s / wall_s;
-      // A broken kernel must not pass for a fast one: every output value must be finite.
-      for (int64_t i = 0, n = out.view.numel(); i < n; ++i)
-        check(std::isfinite(out.view.load(i)),
-              std::string("bench: ") + variant_name(kind) + " produced a non-finite output");
-      const double t_ms = median(ms);
       const double flops = useful_flops(p.variant, a.batch, T, a.heads, a.dim);
       const double gflops = flops / (t_ms * 1e6);
+      const double bwd_gflops = 2.5 * flops / (bwd_ms * 1e6);
       if (kind == VariantKind::full) full_ms = t_ms;
       const double speedup = kind == VariantKind::cca ? full_ms / t_ms : NAN;
       if (a.json) {
@@ -176,7 +248,15 @@ void run_bench_attention(const BenchArgs& a) {
                             {"gflops", gflops},
                             {"cores_busy", cores}};
         if (!std::isnan(speedup)) j["speedup_vs_full"] = speedup;
+        if (a.bwd) {
+          j["bwd_ms"] = bwd_ms;
+          j["bwd_gflops"] = bwd_gflops;
+          j["bwd_over_fwd"] = bwd_ms / t_ms;
+        }
         std::printf("%s\n", j.dump().c_str());
+      } else if (a.bwd) {
+        std::printf("%-11s %7lld %11.2f %9.2f %11.2f %9.2f %8.2f %10.2f\n", variant_name(kind),
+                    (long long)T, t_ms, gflops, bwd_ms, bwd_gflops, bwd_ms / t_ms, cores);
       } else {
         char sp[32] = "";
         if (!std::isnan(speedup)) std::snprintf(sp, sizeof sp, "%.2fx", speedup);
@@ -213,6 +293,9 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--dtype", args->dtype, "float32, float16 or bfloat16")->capture_default_str();
   cmd->add_option("--reps", args->reps, "timed repetitions (median reported)")
       ->capture_default_str();
+  cmd->add_flag("--bwd", args->bwd,
+                "also time the backward (attn_bwd: gradients of q, k, v) and its ratio to the "
+                "forward");
   cmd->callback([args] { run_bench_attention(*args); });
 }
 

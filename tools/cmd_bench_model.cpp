@@ -41,12 +41,13 @@ struct BenchModelArgs : VariantFlags {
   std::string model;       // empty: a random model
   std::string save_model;  // where to write (and keep) the random model
   int64_t layers = 4, hidden = 256, heads = 4, kv_heads = 4, intermediate = 688, vocab = 4096;
-  int64_t prompt = 16384, gen = 32, chunk = 0;
+  std::vector<int64_t> prompts = {16384};
+  int64_t gen = 32, chunk = 0, batch = 1;
   std::vector<std::string> variants = {"full", "cca"};
   int threads = 0;
   std::string device = "auto", dtype = "auto", kv_dtype = "auto";
   int64_t repeat = 3;
-  bool json = false;
+  bool json = false, profile = false;
 };
 
 struct ChildResult {
@@ -83,8 +84,38 @@ ChildResult run_child(const std::vector<std::string>& args, const std::string& e
   return ChildResult{nlohmann::json::parse(last_json), ru.ru_maxrss};
 }
 
+// The breakdown of a profiled run: per region, the milliseconds of the prefill (and its share of
+// that run's prefill time) and of one decode step.
+void print_profile(const nlohmann::json& profile) {
+  const double prefill_s = profile["prefill_s"].get<double>();
+  std::printf("    %-14s %12s %7s %14s\n", "region", "prefill ms", "share", "decode ms/step");
+  const nlohmann::json& pre = profile["prefill"];
+  const nlohmann::json& dec = profile["decode"];
+  double steps = 0;
+  for (const auto& r : dec)
+    if (r["region"] == "sample") steps = r["calls"].get<double>();
+  auto find = [](const nlohmann::json& rows, const std::string& name) {
+    for (const auto& r : rows)
+      if (r["region"] == name) return r["ms"].get<double>();
+    return 0.0;
+  };
+  std::vector<std::string> names;
+  for (const auto* rows : {&pre, &dec})
+    for (const auto& r : *rows)
+      if (std::find(names.begin(), names.end(), r["region"].get<std::string>()) == names.end())
+        names.push_back(r["region"].get<std::string>());
+  for (const std::string& n : names) {
+    const double p = find(pre, n), d = find(dec, n);
+    std::printf("    %-14s %12.2f %6.1f%% %14.4f\n", n.c_str(), p, 100.0 * p / (1e3 * prefill_s),
+                steps > 0 ? d / steps : 0.0);
+  }
+}
+
 void run_bench_model(const BenchModelArgs& a) {
-  check(a.prompt >= 1 && a.gen >= 1 && a.repeat >= 1, "--prompt, -n and --repeat must be >= 1");
+  check(!a.prompts.empty() && a.gen >= 1 && a.repeat >= 1 && a.batch >= 1,
+        "--prompt, -n, --batch and --repeat must be >= 1");
+  for (int64_t p : a.prompts) check(p >= 1, "--prompt lengths must be >= 1, got " + std::to_string(p));
+  const int64_t longest = *std::max_element(a.prompts.begin(), a.prompts.end());
   check_threads_flag(a.threads);
   if (!a.save_model.empty()) check_new_output_dir({"--save-model", a.save_model});
   char tmpl[] = "/tmp/cca-bench-model-XXXXXX";
@@ -103,7 +134,7 @@ void run_bench_model(const BenchModelArgs& a) {
   if (model_dir.empty()) {
     model::RandomModelSpec spec;
     spec.config = model::small_llama_config(a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate,
-                                            a.vocab, std::max<int64_t>(131072, a.prompt + a.gen));
+                                            a.vocab, std::max<int64_t>(131072, longest + a.gen));
     // A GPU runs 16-bit weights: the random model is written in bfloat16 where one will run it.
     const bool gpu = a.device == "cuda" ||
                      (a.device == "auto" && backend_unavailable_reason(BackendKind::cuda).empty());
@@ -113,128 +144,140 @@ void run_bench_model(const BenchModelArgs& a) {
   } else {
     vocab = model::load_model_config(model_dir).vocab_size;
   }
-  const std::string ids_path = (tmp / "prompt.ids").string();
-  {
+  // One prompt file per length: `batch` lines of random ids (each its own sequence).
+  auto write_prompt = [&](int64_t len) {
+    const std::string path = (tmp / ("prompt-" + std::to_string(len) + ".ids")).string();
     std::mt19937_64 rng(7);
     std::uniform_int_distribution<int64_t> pick(3, vocab - 1);
-    std::ofstream out(ids_path);
-    for (int64_t i = 0; i < a.prompt; ++i) out << pick(rng) << (i % 32 == 31 ? '\n' : ' ');
-    check(out.good(), "cannot write " + ids_path);
-  }
+    std::ofstream out(path);
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t i = 0; i < len; ++i) out << pick(rng) << (i + 1 == len ? '\n' : ' ');
+    check(out.good(), "cannot write " + path);
+    return path;
+  };
 
   for (const std::string& v : a.variants) a.spec_for(parse_variant(v));  // fail before any run
-  // Repeats run the variants interleaved, so drift in machine load hits each alike; the row of a
-  // variant reports the median prefill and decode times and the largest peak RSS.
-  std::vector<std::vector<nlohmann::json>> runs(a.variants.size());
-  for (int64_t rep = 0; rep < a.repeat; ++rep) {
-    for (size_t i = 0; i < a.variants.size(); ++i) {
-      const std::string& v = a.variants[i];
-      const std::vector<std::string> args = {"generate",
-                                             "--model",
-                                             model_dir,
-                                             "--ids",
-                                             ids_path,
-                                             "-n",
-                                             std::to_string(a.gen),
-                                             "--greedy",
-                                             "--ignore-eos",
-                                             "--stats",
-                                             "--no-progress",
-                                             "--allow-long-prompt",
-                                             "--variant",
-                                             v,
-                                             "--group",
-                                             std::to_string(a.group),
-                                             "--window",
-                                             std::to_string(a.window),
-                                             "--sinks",
-                                             std::to_string(a.sinks),
-                                             "--pool",
-                                             a.pool,
-                                             "--pool-heads",
-                                             a.pool_heads,
-                                             "--threads",
-                                             std::to_string(a.threads),
-                                             "--chunk",
-                                             std::to_string(a.chunk),
-                                             "--device",
-                                             a.device,
-                                             "--dtype",
-                                             a.dtype,
-                                             "--kv-dtype",
-                                             a.kv_dtype};
-      std::fprintf(stderr, "bench model: %s, run %lld of %lld\n", v.c_str(), (long long)rep + 1,
-                   (long long)a.repeat);
-      ChildResult r = run_child(args, (tmp / ("stderr-" + v + ".txt")).string());
-      r.stats["max_rss_bytes"] = int64_t(r.max_rss_kib) * 1024;
-      runs[i].push_back(r.stats);
-    }
-  }
   auto median = [](std::vector<double> x) {
     std::sort(x.begin(), x.end());
     const size_t n = x.size();
     return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
   };
   nlohmann::json rows = nlohmann::json::array();
-  for (size_t i = 0; i < a.variants.size(); ++i) {
-    std::vector<double> prefill, decode;
-    int64_t rss = 0, peak = 0;
-    for (const auto& r : runs[i]) {
-      prefill.push_back(r["prefill_s"].get<double>());
-      decode.push_back(r["decode_s"].get<double>());
-      rss = std::max(rss, r["max_rss_bytes"].get<int64_t>());
-      peak = std::max(peak, r["peak_memory_bytes"].get<int64_t>());
+  for (int64_t prompt : a.prompts) {
+    const std::string ids_path = write_prompt(prompt);
+    // Repeats run the variants interleaved, so drift in machine load hits each alike; the row of
+    // a variant reports the median prefill and decode times and the largest peak memory.
+    auto child_args = [&](const std::string& v, bool profile) {
+      std::vector<std::string> args = {
+          "generate",   "--model",        model_dir,     "--ids",      ids_path,
+          "-n",         std::to_string(a.gen),           "--greedy",   "--ignore-eos",
+          "--stats",    "--no-progress",  "--allow-long-prompt",       "--variant",
+          v,            "--group",        std::to_string(a.group),     "--window",
+          std::to_string(a.window),       "--sinks",     std::to_string(a.sinks),
+          "--pool",     a.pool,           "--pool-heads", a.pool_heads, "--threads",
+          std::to_string(a.threads),      "--chunk",     std::to_string(a.chunk),
+          "--device",   a.device,         "--dtype",     a.dtype,      "--kv-dtype",
+          a.kv_dtype};
+      if (a.batch > 1) args.push_back("--batch");
+      if (profile) args.push_back("--profile");
+      return args;
+    };
+    std::vector<std::vector<nlohmann::json>> runs(a.variants.size());
+    for (int64_t rep = 0; rep < a.repeat; ++rep) {
+      for (size_t i = 0; i < a.variants.size(); ++i) {
+        const std::string& v = a.variants[i];
+        std::fprintf(stderr, "bench model: %s, prompt %lld x %lld, run %lld of %lld\n", v.c_str(),
+                     (long long)prompt, (long long)a.batch, (long long)rep + 1,
+                     (long long)a.repeat);
+        ChildResult r = run_child(child_args(v, false), (tmp / ("stderr-" + v + ".txt")).string());
+        r.stats["max_rss_bytes"] = int64_t(r.max_rss_kib) * 1024;
+        runs[i].push_back(r.stats);
+      }
     }
-    const nlohmann::json& first = runs[i][0];
-    nlohmann::json row;
-    row["name"] = a.variants[i];
-    row["variant"] = first["variant"];
-    row["prompt_tokens"] = first["prompt_tokens"];
-    row["decode_steps"] = first["decode_steps"];
-    row["prefill_s"] = median(prefill);
-    row["prefill_s_min"] = *std::min_element(prefill.begin(), prefill.end());
-    row["prefill_s_all"] = prefill;
-    row["device"] = first["device"];
-    row["kv_dtype"] = first["kv_dtype"];
-    row["ttft_s"] = median(prefill);
-    row["itl_s"] = median(decode) / std::max<double>(1, first["decode_steps"].get<double>());
-    row["prefill_tok_s"] = first["prompt_tokens"].get<double>() / median(prefill);
-    row["decode_tok_s"] = first["decode_steps"].get<double>() / median(decode);
-    row["kv_bytes"] = first["kv_bytes"];
-    row["max_rss_bytes"] = rss;
-    row["peak_memory_bytes"] = peak;  // GPU: device memory in use; CPU: the child's peak RSS
-    rows.push_back(row);
-    if (!a.json) {
-      std::printf(
-          "%-44s prefill %6lld tok %7.3f s %9.1f tok/s | decode %4lld steps %7.1f tok/s "
-          "(%.2f ms/tok) | kv %10s | peak memory %10s\n",
-          row["variant"].get<std::string>().c_str(), (long long)row["prompt_tokens"].get<int64_t>(),
-          row["prefill_s"].get<double>(), row["prefill_tok_s"].get<double>(),
-          (long long)row["decode_steps"].get<int64_t>(), row["decode_tok_s"].get<double>(),
-          1e3 * row["itl_s"].get<double>(), format_bytes(row["kv_bytes"].get<double>()).c_str(),
-          format_bytes(double(peak)).c_str());
+    // The breakdown comes from one more run of each variant with --profile, apart from the timed
+    // runs (profiling slows a run down).
+    std::vector<nlohmann::json> profiles(a.variants.size());
+    if (a.profile)
+      for (size_t i = 0; i < a.variants.size(); ++i) {
+        std::fprintf(stderr, "bench model: %s, prompt %lld x %lld, profiled run\n",
+                     a.variants[i].c_str(), (long long)prompt, (long long)a.batch);
+        const ChildResult r = run_child(child_args(a.variants[i], true),
+                                        (tmp / ("stderr-" + a.variants[i] + ".txt")).string());
+        profiles[i] = r.stats["profile"];
+        profiles[i]["prefill_s"] = r.stats["prefill_s"];
+        profiles[i]["decode_s"] = r.stats["decode_s"];
+      }
+    for (size_t i = 0; i < a.variants.size(); ++i) {
+      std::vector<double> prefill, decode;
+      int64_t rss = 0, peak = 0;
+      for (const auto& r : runs[i]) {
+        prefill.push_back(r["prefill_s"].get<double>());
+        decode.push_back(r["decode_s"].get<double>());
+        rss = std::max(rss, r["max_rss_bytes"].get<int64_t>());
+        peak = std::max(peak, r["peak_memory_bytes"].get<int64_t>());
+      }
+      const nlohmann::json& first = runs[i][0];
+      const double steps = std::max<double>(1, first["decode_steps"].get<double>());
+      nlohmann::json row;
+      row["name"] = a.variants[i];
+      row["variant"] = first["variant"];
+      row["device"] = first["device"];
+      row["dtype"] = first["dtype"];
+      row["kv_dtype"] = first["kv_dtype"];
+      row["batch"] = a.batch;
+      row["prompt_tokens"] = prompt;  // per sequence
+      row["decode_steps"] = first["decode_steps"];
+      row["prefill_s"] = median(prefill);  // all `batch` prompts
+      row["prefill_s_min"] = *std::min_element(prefill.begin(), prefill.end());
+      row["prefill_s_all"] = prefill;
+      row["ttft_s"] = median(prefill);
+      row["prefill_tok_s"] = double(prompt * a.batch) / median(prefill);
+      row["itl_s"] = median(decode) / steps;  // one step: a token for each sequence
+      row["decode_tok_s"] = double(a.batch) * steps / median(decode);
+      row["kv_bytes"] = first["kv_bytes"];
+      row["full_kv_bytes"] = first["full_kv_bytes"];
+      row["graph_replays"] = first["graph_replays"];
+      row["max_rss_bytes"] = rss;
+      row["peak_memory_bytes"] = peak;  // GPU: device memory in use; CPU: the child's peak RSS
+      if (a.profile) row["profile"] = profiles[i];
+      rows.push_back(row);
+      if (!a.json) {
+        std::printf(
+            "%-44s prefill %7lld x %lld tok %8.3f s %9.1f tok/s | decode %4lld steps %8.1f tok/s "
+            "(%.2f ms/step) | kv %10s | peak memory %10s\n",
+            row["variant"].get<std::string>().c_str(), (long long)prompt, (long long)a.batch,
+            row["prefill_s"].get<double>(), row["prefill_tok_s"].get<double>(),
+            (long long)row["decode_steps"].get<int64_t>(), row["decode_tok_s"].get<double>(),
+            1e3 * row["itl_s"].get<double>(),
+            format_bytes(row["kv_bytes"].get<double>()).c_str(),
+            format_bytes(double(peak)).c_str());
+        if (a.profile) print_profile(row["profile"]);
+      }
     }
-  }
-  // Wall-time medians and fastest runs.
-  double full[2] = {0, 0}, cca[2] = {0, 0};
-  for (const auto& r : rows) {
-    double* d = r["name"] == "full" ? full : r["name"] == "cca" ? cca : nullptr;
-    if (!d) continue;
-    d[0] = r["prefill_s"].get<double>();
-    d[1] = r["prefill_s_min"].get<double>();
   }
   if (a.json) {
     std::printf("%s\n", rows.dump().c_str());
-  } else {
-    std::printf("(median of %lld runs per variant, interleaved)\n", (long long)a.repeat);
+    return;
+  }
+  std::printf("(median of %lld runs per variant, interleaved)\n", (long long)a.repeat);
+  for (const auto& r : rows) {
+    std::printf("  %s %lld: prefill s per run:", r["name"].get<std::string>().c_str(),
+                (long long)r["prompt_tokens"].get<int64_t>());
+    for (const auto& x : r["prefill_s_all"]) std::printf(" %.3f", x.get<double>());
+    std::printf("\n");
+  }
+  for (int64_t prompt : a.prompts) {
+    const nlohmann::json *full = nullptr, *cca = nullptr;
     for (const auto& r : rows) {
-      std::printf("  %s prefill s per run:", r["name"].get<std::string>().c_str());
-      for (const auto& x : r["prefill_s_all"]) std::printf(" %.3f", x.get<double>());
-      std::printf("\n");
+      if (r["prompt_tokens"].get<int64_t>() != prompt) continue;
+      if (r["name"] == "full") full = &r;
+      if (r["name"] == "cca") cca = &r;
     }
-    if (full[0] > 0 && cca[0] > 0)
-      std::printf("cca prefill speedup over full: %.2fx (medians), %.2fx (fastest runs)\n",
-                  full[0] / cca[0], full[1] / cca[1]);
+    if (full && cca)
+      std::printf("cca prefill speedup over full at %lld: %.2fx (medians), %.2fx (fastest runs)\n",
+                  (long long)prompt,
+                  (*full)["prefill_s"].get<double>() / (*cca)["prefill_s"].get<double>(),
+                  (*full)["prefill_s_min"].get<double>() / (*cca)["prefill_s_min"].get<double>());
   }
 }
 
@@ -264,7 +307,11 @@ void register_bench_model_command(CLI::App& app) {
   cmd->add_option("--intermediate", a->intermediate, "random model: MLP size")
       ->capture_default_str();
   cmd->add_option("--vocab", a->vocab, "random model: vocabulary")->capture_default_str();
-  cmd->add_option("--prompt", a->prompt, "prompt tokens")->capture_default_str();
+  cmd->add_option("--prompt", a->prompts, "prompt tokens per sequence (a list runs each length)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--batch", a->batch, "sequences prefilled, then decoded together")
+      ->capture_default_str();
   cmd->add_option("-n,--gen", a->gen, "tokens to generate")->capture_default_str();
   cmd->add_option("--chunk", a->chunk, "prefill chunk (0 = the device's default)")
       ->capture_default_str();
@@ -281,6 +328,9 @@ void register_bench_model_command(CLI::App& app) {
   cmd->add_option("--repeat", a->repeat, "runs per variant (median reported)")
       ->capture_default_str();
   cmd->add_flag("--json", a->json, "print the rows as one JSON array");
+  cmd->add_flag("--profile", a->profile,
+                "also time each kind of op in the prefill and decode (generate --profile; a "
+                "separate breakdown, slower than the timed runs' figures)");
   cmd->callback([a] { run_bench_model(*a); });
 }
 

@@ -116,6 +116,39 @@ std::vector<model::TokenIds> read_prompts(const GenerateArgs& a, const TextToken
   return prompts;
 }
 
+// The rows of a profile as JSON: region, calls, total milliseconds, FLOPs.
+nlohmann::json profile_json(const std::vector<ops::Profile::Row>& rows) {
+  nlohmann::json j = nlohmann::json::array();
+  for (const auto& r : rows)
+    j.push_back({{"region", r.name}, {"calls", r.calls}, {"ms", r.ms}, {"flops", r.flops}});
+  return j;
+}
+
+// A table of where the time of one phase went: each region's total, per layer, its share of the
+// phase's wall time, and its rate where it counts FLOPs; the rest of the wall time is time the
+// device was not running any region (host work, launch gaps, synchronisation).
+void print_breakdown(const char* phase, const std::vector<ops::Profile::Row>& rows,
+                     int64_t layers, double wall_s) {
+  if (rows.empty()) return;
+  std::fprintf(stderr, "profile of the %s (%.3f s wall, %lld layers):\n", phase, wall_s,
+               (long long)layers);
+  std::fprintf(stderr, "  %-14s %8s %11s %11s %7s %10s\n", "region", "calls", "total ms",
+               "ms/layer", "share", "TFLOP/s");
+  double sum = 0;
+  for (const auto& r : rows) {
+    sum += r.ms;
+    const double share = wall_s > 0 ? 100.0 * r.ms / (1e3 * wall_s) : 0.0;
+    std::fprintf(stderr, "  %-14s %8lld %11.3f %11.4f %6.1f%%", r.name.c_str(),
+                 (long long)r.calls, r.ms, r.ms / double(std::max<int64_t>(layers, 1)), share);
+    if (r.flops > 0 && r.ms > 0)
+      std::fprintf(stderr, " %10.1f", r.flops / (r.ms * 1e-3) / 1e12);
+    std::fprintf(stderr, "\n");
+  }
+  const double rest = 1e3 * wall_s - sum;
+  std::fprintf(stderr, "  %-14s %8s %11.3f %11s %6.1f%%\n", "(not in ops)", "", rest, "",
+               wall_s > 0 ? 100.0 * rest / (1e3 * wall_s) : 0.0);
+}
+
 // Ids the model produced that no token of the tokenizer has (embedding rows past the tokenizer's
 // vocabulary) are dropped by decode(): said on stderr rather than lost silently.
 void warn_untokenized(const TextTokenizer& tok, const std::vector<engine::GenerateResult>& res) {
@@ -227,6 +260,11 @@ void run_generate(const GenerateArgs& a) {
     full_kv += r.full_kv_bytes;
   }
   const double prefill_s = std::max(ttft, 1e-9);
+  if (a.run.profile) {
+    const int64_t layers = eng.config().num_layers;
+    print_breakdown("prefill", eng.breakdown().prefill, layers, ttft);
+    print_breakdown("decode", eng.breakdown().decode, layers, decode_s);
+  }
   const std::string mem_kind = eng.device() == Device::cuda ? "peak GPU memory" : "peak RSS";
   std::fprintf(stderr,
                "cca: %s | %s, %s cache %s (full: %s) | prompt %lld tok, TTFT %.3f s (%.0f tok/s) "
@@ -262,6 +300,9 @@ void run_generate(const GenerateArgs& a) {
     s["threads"] = eng.context().threads();
     s["graph_replays"] = eng.graph_replays();
     s["graph_captures"] = eng.graph_captures();
+    if (a.run.profile)
+      s["profile"] = {{"prefill", profile_json(eng.breakdown().prefill)},
+                      {"decode", profile_json(eng.breakdown().decode)}};
     std::fprintf(stderr, "%s\n", s.dump().c_str());
   }
 }
@@ -284,6 +325,10 @@ void register_generate_command(CLI::App& app) {
   cmd->add_flag("--greedy", a->greedy, "always take the most likely token");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "do not stop at generation_config's eos tokens");
   cmd->add_flag("--stats", a->stats, "print timing and cache memory as one JSON line on stderr");
+  cmd->add_flag("--profile", a->run.profile,
+                "time each kind of op (GEMMs, attention, pooling, the rest) in the prefill and "
+                "the decode steps and print the breakdown on stderr (decode steps then run "
+                "without CUDA graphs; for shares, not headline times)");
   cmd->add_flag("--batch", a->batch,
                 "one prompt per line of --prompt-file (a .jsonl file: {\"prompt\": ...} per "
                 "line) or of --ids, all run as one batch");

@@ -30,6 +30,7 @@ engine::EngineOptions ModelRunFlags::engine_options(int64_t plan_tokens, int64_t
   o.max_batch = batch;
   o.plan_tokens = plan_tokens;
   o.cuda_graphs = !no_cuda_graphs;
+  o.profile = profile;
   return o;
 }
 

@@ -29,6 +29,7 @@ struct ModelRunFlags : VariantFlags {
   bool allow_long_prompt = false;
   bool no_progress = false;
   bool no_cuda_graphs = false;
+  bool profile = false;
 
   // The engine's options for runs of at most `plan_tokens` tokens per sequence, `batch`
   // sequences at a time (checks every flag's value).

@@ -16,6 +16,15 @@ std::vector<BackendKind> available_backends();
 // Why `b` cannot run here, or "" if it can.
 std::string backend_unavailable_reason(BackendKind b);
 
+// Told the phases of a call as they are queued (KvCache appends: "kv copy", "pool", "attend"),
+// so that a profiler can time them; begin/end pairs nest. ops::Profile implements it.
+class PhaseTimer {
+ public:
+  virtual ~PhaseTimer() = default;
+  virtual void begin(const char* phase) = 0;
+  virtual void end() = 0;
+};
+
 struct RunOptions {
   BackendKind backend = BackendKind::automatic;  // automatic: cuda for device tensors, else cpu
   int threads = 0;                               // CPU threads; 0 = all
@@ -25,6 +34,7 @@ struct RunOptions {
   // stream-ordered pool.
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
+  PhaseTimer* timer = nullptr;  // optional, for breakdowns (nothing is timed without it)
 };
 
 // Bytes of workspace that a decode step of `sequences` sequences (one token each, Hq query

@@ -2,7 +2,8 @@
 //   attend: queries at consecutive absolute positions attend, in one softmax, over the keys the
 //           variant policy lets them see, drawn from up to three key segments;
 //   pool:   core tokens of a range of groups.
-// Prefill, chunked prefill and decode are all built from these (dispatch.cpp, kv_cache.cpp).
+// Prefill, chunked prefill and decode are all built from these (dispatch.cpp, kv_cache.cpp), and
+// the backward (attn_bwd) from their counterparts attend_bwd and pool_bwd.
 #pragma once
 #include <string>
 #include <vector>
@@ -59,6 +60,53 @@ struct PoolProblem {
   const int32_t* pos_device = nullptr;
 };
 
+// Backward of a prefill's attend (attn_bwd): queries at positions 0..T-1 over the core tokens
+// and the raw keys 0..T-1 (which serve as both sink and local segments), as in attn_fwd. With
+// P = exp(scale q.key - lse) recomputed from the forward's LSE,
+//   dV_key += P dO,   dP = dO . V_key,   dS = P (dP - delta),
+//   dQ += scale dS K_key,   dK_key += scale dS Q,
+// summed over every (query, visible key) pair; GQA sums the r query heads of a KV head (of a
+// core head with pool_heads = kv). A FlashAttention-2/3-style kernel pair maps onto it: a
+// dK/dV pass over key tiles and a dQ pass over query tiles, both reading lse and delta.
+struct AttendBwdProblem {
+  TensorView q;               // [B, T, Hq, D], the forward's queries
+  TensorView k, v;            // [B, T, Hkv, D], the forward's raw keys and values
+  TensorView k_core, v_core;  // [B, m, Hc, D] core tokens as the forward pooled them (input
+                              // dtype); empty when m = 0
+  TensorView out, dout;       // [B, T, Hq, D], the forward's output and its gradient
+  TensorView lse;             // [B, Hq, T] float32, the forward's LSE
+  TensorView delta;           // [B, Hq, T] float32: rowsum(dout * out), see attend_bwd_delta
+  // Float32 outputs, overwritten (every element): dq [B, T, Hq, D], dk/dv [B, T, Hkv, D] (raw
+  // keys), dk_core/dv_core [B, m, Hc, D]. Any strides with a contiguous last dimension.
+  TensorView dq, dk, dv, dk_core, dv_core;
+  VariantSpec variant;
+  float scale = 1.f;
+  int threads = 0;
+  void* stream = nullptr;
+  bool deterministic = false;  // no floating-point atomics (ref and cpu always are)
+};
+
+// Backward of pooling groups 0..m-1 (m = dk_core.shape[1]), as attn_fwd pooled them from q, k,
+// v: adds the gradients of the core tokens, dk_core/dv_core (float32 [B, m, Hc, D]), into the
+// float32 accumulators dk, dv (rows 0 .. m*g-1) and, for pool = cca, dq (each group's last row):
+//   cca:  Kc = sum_n w_n K_n, w = mean over the pooling heads of softmax(scale q_last . K_n);
+//         dK_n += w_n dKc, dV_n += w_n dVc, and dw_n = dKc.K_n + dVc.V_n flows through each
+//         head's softmax (dz = p (dw/nh - sum p dw/nh)) into dK_n += scale dz q_last and
+//         dq_last += scale sum_n dz_n K_n. The weights are recomputed from q and k.
+//   mean: dK_n += dKc / g, dV_n += dVc / g.
+//   max:  each element's gradient goes to the group's first position holding the maximum.
+// pool_heads = query: the r core heads of a KV head each add their share into its keys.
+struct PoolBwdProblem {
+  TensorView q, k, v;           // the forward's inputs
+  TensorView dk_core, dv_core;  // float32 [B, m, Hc, D]
+  TensorView dq, dk, dv;        // float32 accumulators shaped as q, k, v: added to
+  VariantSpec variant;
+  float scale = 1.f;
+  int threads = 0;
+  void* stream = nullptr;
+  bool deterministic = false;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -72,12 +120,20 @@ class Backend {
   // from its own cache. The default runs them one by one; a backend may fuse them into one launch.
   virtual void attend_batch(const std::vector<AttendProblem>& problems) const;
   virtual void pool(const PoolProblem& p) const = 0;
+  // Backward (attn_bwd runs them in this order, see dispatch.cpp): "" if the backend runs `p`,
+  // else the reason (the default: it has no backward); delta = rowsum(dout * out); the
+  // attention backward; the pooling backward.
+  virtual std::string unsupported_bwd(const AttendBwdProblem& p) const;
+  virtual void attend_bwd_delta(const AttendBwdProblem& p) const;
+  virtual void attend_bwd(const AttendBwdProblem& p) const;
+  virtual void pool_bwd(const PoolBwdProblem& p) const;
   // Device memory helpers for backends whose tensors do not live on the host.
   virtual void* alloc(int64_t bytes) const;
   virtual void free(void* ptr) const;
   virtual void copy(void* dst, const void* src, int64_t bytes) const;  // same-device copy
-  // dst = src for two [B, n, H, D] views of the same shape and dtype on this backend's device,
-  // ordered on `stream` (a cudaStream_t for the cuda backend; ignored on the host).
+  // dst = src for two [B, n, H, D] views of the same shape on this backend's device, ordered on
+  // `stream` (a cudaStream_t for the cuda backend; ignored on the host). Host backends also
+  // convert between dtypes (attn_bwd's float32 accumulators into 16-bit gradients).
   virtual void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const;
   // dst rows (position - pos0) .. for src [B, n, H, D], with `position` read on the device from
   // `pos_device`: the decode step's append of its new key and value (cuda only).

@@ -1,4 +1,4 @@
-// Backend registry, shape checks and the public entry points attn_fwd / cca_pool.
+// Backend registry, shape checks and the public entry points attn_fwd / attn_bwd / cca_pool.
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -88,8 +88,23 @@ void Backend::copy_tensor(const TensorView& dst, const TensorView& src, void*) c
   const int64_t row_bytes = src.shape[3] * dtype_size(src.dtype);
   for (int64_t b = 0; b < src.shape[0]; ++b)
     for (int64_t t = 0; t < src.shape[1]; ++t)
-      for (int64_t h = 0; h < src.shape[2]; ++h)
-        std::memcpy(dst.ptr(dst.offset(b, t, h)), src.ptr(src.offset(b, t, h)), size_t(row_bytes));
+      for (int64_t h = 0; h < src.shape[2]; ++h) {
+        const int64_t od = dst.offset(b, t, h), os = src.offset(b, t, h);
+        if (dst.dtype == src.dtype)
+          std::memcpy(dst.ptr(od), src.ptr(os), size_t(row_bytes));
+        else
+          for (int64_t d = 0; d < src.shape[3]; ++d) dst.store(od + d, src.load(os + d));
+      }
+}
+
+std::string Backend::unsupported_bwd(const AttendBwdProblem&) const {
+  return std::string("the ") + backend_name(kind()) +
+         " backend has no backward (attn_bwd runs on the ref, cpu and cuda backends)";
+}
+void Backend::attend_bwd_delta(const AttendBwdProblem& p) const { throw Error(unsupported_bwd(p)); }
+void Backend::attend_bwd(const AttendBwdProblem& p) const { throw Error(unsupported_bwd(p)); }
+void Backend::pool_bwd(const PoolBwdProblem& p) const {
+  throw Error(unsupported_bwd(AttendBwdProblem{}));
 }
 
 static void check_4d(const TensorView& t, const char* name) {
@@ -143,6 +158,70 @@ int64_t core_tokens_needed(const VariantSpec& v, int64_t T) {
   return v.has_core() && T >= 1 ? visible_keys(v, T - 1).n_core : 0;
 }
 
+// Slices of one backend workspace, each 64-byte aligned.
+class WorkspacePlan {
+ public:
+  // Reserves a contiguous tensor of 3 or 4 dimensions; returns its index for view().
+  int add(DType dt, std::initializer_list<int64_t> shape) {
+    Part pt{dt, shape, bytes_};
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    bytes_ += (n * dtype_size(dt) + 63) / 64 * 64;
+    parts_.push_back(pt);
+    return int(parts_.size()) - 1;
+  }
+  int64_t bytes() const { return bytes_; }
+  // Part i inside a workspace of bytes() bytes at `base`.
+  TensorView view(void* base, int i, Device dev) const {
+    const Part& pt = parts_[size_t(i)];
+    char* ptr = static_cast<char*>(base) + pt.offset;
+    const std::vector<int64_t>& d = pt.shape;
+    return d.size() == 3 ? make_view(ptr, pt.dt, {d[0], d[1], d[2]}, dev)
+                         : make_view(ptr, pt.dt, {d[0], d[1], d[2], d[3]}, dev);
+  }
+
+ private:
+  struct Part {
+    DType dt;
+    std::vector<int64_t> shape;
+    int64_t offset;
+  };
+  std::vector<Part> parts_;
+  int64_t bytes_ = 0;
+};
+
+// `t` has the shape of `like` (and its dtype where `same_dtype`) and lives on its device.
+static void check_same_shape(const TensorView& t, const char* name, const TensorView& like,
+                             const char* like_name, bool same_dtype) {
+  check_4d(t, name);
+  for (int i = 0; i < 4; ++i)
+    check(t.shape[i] == like.shape[i], std::string(name) + " shape " + t.shape_string() +
+                                           " must equal " + like_name + " shape " +
+                                           like.shape_string());
+  check(!same_dtype || t.dtype == like.dtype, std::string(name) + " dtype " + dtype_name(t.dtype) +
+                                                  " must equal " + like_name + " dtype " +
+                                                  dtype_name(like.dtype));
+  check(t.device == like.device, std::string(name) + " must be on the same device as " + like_name);
+}
+
+// Core tokens of groups 0..m-1 (m = kc.shape[1]) of a prefill, as attn_fwd and attn_bwd use them.
+static void pool_prefill(const Backend& be, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const VariantSpec& variant, float scale,
+                         const RunOptions& run, const TensorView& kc, const TensorView& vc) {
+  PoolProblem pp;
+  pp.q = q;
+  pp.raw = KvSegment{k, v, 0};
+  pp.group_begin = 0;
+  pp.group_end = kc.shape[1];
+  pp.k_core = kc;
+  pp.v_core = vc;
+  pp.variant = variant;
+  pp.scale = scale;
+  pp.threads = run.threads;
+  pp.stream = run.stream;
+  be.pool(pp);
+}
+
 void attn_fwd(const AttnFwdParams& p) {
   p.variant.validate();
   check_qkv(p.q, p.k, p.v);
@@ -165,27 +244,99 @@ void attn_fwd(const AttnFwdParams& p) {
 
   // Core tokens live in a workspace of the input dtype, as the decode cache stores them.
   const int64_t m = core_tokens_needed(p.variant, T);
-  Workspace ws(be, 2 * B * m * Hc * D * dtype_size(p.q.dtype));
+  WorkspacePlan plan;
+  const int kc = plan.add(p.q.dtype, {B, m, Hc, D}), vc = plan.add(p.q.dtype, {B, m, Hc, D});
+  Workspace ws(be, plan.bytes());
   if (m > 0) {
-    char* base = static_cast<char*>(ws.data());
-    TensorView kc = make_view(base, p.q.dtype, {B, m, Hc, D}, p.q.device);
-    TensorView vc = kc;
-    vc.data = base + B * m * Hc * D * dtype_size(p.q.dtype);
-    PoolProblem pp;
-    pp.q = p.q;
-    pp.raw = a.local;
-    pp.group_begin = 0;
-    pp.group_end = m;
-    pp.k_core = kc;
-    pp.v_core = vc;
-    pp.variant = p.variant;
-    pp.scale = a.scale;
-    pp.threads = a.threads;
-    pp.stream = a.stream;
-    be.pool(pp);
-    a.core = KvSegment{kc, vc, 0};
+    a.core =
+        KvSegment{plan.view(ws.data(), kc, p.q.device), plan.view(ws.data(), vc, p.q.device), 0};
+    pool_prefill(be, p.q, p.k, p.v, p.variant, a.scale, p.run, a.core.k, a.core.v);
   }
   be.attend(a);
+}
+
+// Backward of the prefill: recompute the core tokens (pool, as attn_fwd did), delta =
+// rowsum(dout * out), the attention backward into float32 gradients (dk_core/dv_core for the
+// core tokens), the pooling backward from those into dq/dk/dv, then the 16-bit gradients from
+// their float32 accumulators. Float32 gradients are accumulated in place.
+void attn_bwd(const AttnBwdParams& p) {
+  p.variant.validate();
+  check_qkv(p.q, p.k, p.v);
+  check(p.out.data != nullptr, "out is missing: attn_bwd needs the forward's output");
+  check(p.lse.data != nullptr,
+        "lse is missing: attn_bwd needs the forward's log-sum-exp (float32 [B, Hq, T])");
+  check_attn_out(p.q, p.out, p.lse);
+  check_same_shape(p.dout, "dout", p.q, "q", /*same_dtype=*/true);
+  check_same_shape(p.dq, "dq", p.q, "q", false);
+  check_same_shape(p.dk, "dk", p.k, "k", false);
+  check_same_shape(p.dv, "dv", p.v, "v", false);
+  const Backend& be = get_backend(p.run.backend, p.q.device);
+  const int64_t B = p.q.shape[0], T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+  const int64_t Hkv = p.k.shape[2], Hc = p.variant.core_heads(Hq, Hkv);
+  const int64_t m = core_tokens_needed(p.variant, T);
+
+  AttendBwdProblem a;
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.out = p.out;
+  a.dout = p.dout;
+  a.lse = p.lse;
+  a.variant = p.variant;
+  a.scale = p.variant.scale_for(D);
+  a.threads = p.run.threads;
+  a.stream = p.run.stream;
+  a.deterministic = p.deterministic;
+  const std::string why = be.unsupported_bwd(a);
+  check(why.empty(), why);
+
+  WorkspacePlan plan;
+  const int kc = plan.add(p.q.dtype, {B, m, Hc, D}), vc = plan.add(p.q.dtype, {B, m, Hc, D});
+  const int dkc = plan.add(DType::f32, {B, m, Hc, D}), dvc = plan.add(DType::f32, {B, m, Hc, D});
+  const int delta = plan.add(DType::f32, {B, Hq, T});
+  // Float32 accumulators: the caller's tensors where they are float32, else workspace.
+  const TensorView* grads[3] = {&p.dq, &p.dk, &p.dv};
+  int acc[3];
+  for (int i = 0; i < 3; ++i) {
+    const TensorView& g = *grads[i];
+    acc[i] =
+        g.dtype == DType::f32 ? -1 : plan.add(DType::f32, {g.shape[0], g.shape[1], g.shape[2], D});
+  }
+  Workspace ws(be, plan.bytes());
+  const Device dev = p.q.device;
+  if (m > 0) {
+    a.k_core = plan.view(ws.data(), kc, dev);
+    a.v_core = plan.view(ws.data(), vc, dev);
+    a.dk_core = plan.view(ws.data(), dkc, dev);
+    a.dv_core = plan.view(ws.data(), dvc, dev);
+    pool_prefill(be, p.q, p.k, p.v, p.variant, a.scale, p.run, a.k_core, a.v_core);
+  }
+  a.delta = plan.view(ws.data(), delta, dev);
+  TensorView* acc_views[3] = {&a.dq, &a.dk, &a.dv};
+  for (int i = 0; i < 3; ++i)
+    *acc_views[i] = acc[i] < 0 ? *grads[i] : plan.view(ws.data(), acc[i], dev);
+
+  be.attend_bwd_delta(a);
+  be.attend_bwd(a);
+  if (m > 0) {
+    PoolBwdProblem pb;
+    pb.q = p.q;
+    pb.k = p.k;
+    pb.v = p.v;
+    pb.dk_core = a.dk_core;
+    pb.dv_core = a.dv_core;
+    pb.dq = a.dq;
+    pb.dk = a.dk;
+    pb.dv = a.dv;
+    pb.variant = p.variant;
+    pb.scale = a.scale;
+    pb.threads = a.threads;
+    pb.stream = a.stream;
+    pb.deterministic = a.deterministic;
+    be.pool_bwd(pb);
+  }
+  for (int i = 0; i < 3; ++i)
+    if (acc[i] >= 0) be.copy_tensor(*grads[i], *acc_views[i], p.run.stream);
 }
 
 void cca_pool(const PoolParams& p) {

@@ -7,12 +7,31 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <sstream>
 
 #include "backend.hpp"
 #include "cca/error.hpp"
 
 namespace cca {
+namespace {
+// A phase of an append, told to the caller's PhaseTimer (if any) around its launches.
+class Phase {
+ public:
+  Phase(PhaseTimer* t, const char* name) : t_(t) {
+    if (t_) t_->begin(name);
+  }
+  ~Phase() {
+    if (t_) t_->end();
+  }
+  Phase(const Phase&) = delete;
+  Phase& operator=(const Phase&) = delete;
+
+ private:
+  PhaseTimer* t_;
+};
+}  // namespace
+
 namespace {
 
 // An owned [B, cap, H, D] buffer in the backend's memory.
@@ -205,6 +224,7 @@ struct KvCache::Impl {
     const float scale = variant.scale_for(D);
 
     // 1. The chunk's raw keys and values join the window (and the sinks, while they fill).
+    std::optional<Phase> phase(std::in_place, run.timer, "kv copy");
     const int64_t live = raw_rows();
     const int64_t old_off = raw_off;  // both stores grow together, so they share raw_off
     raw_off = raw_k.reserve(live + c, old_off, live);
@@ -221,6 +241,7 @@ struct KvCache::Impl {
       be->copy_tensor(sink_v.rows(n, rows), v.slice(1, 0, rows), run.stream);
     }
     const KvSegment raw = raw_segment(live + c);
+    phase.reset();
 
     // 2. Pool every group that completes in this chunk; its last query is in the chunk and its
     //    raw keys are still in the window (group start >= j(t)*g for its last position t).
@@ -240,6 +261,7 @@ struct KvCache::Impl {
       pp.scale = scale;
       pp.threads = run.threads;
       pp.stream = run.stream;
+      const Phase pool_phase(run.timer, "pool");
       be->pool(pp);
     }
 
@@ -266,8 +288,11 @@ struct KvCache::Impl {
     const float scale = variant.scale_for(D);
     const int64_t pos0 = raw_begin - raw_off;
     const TensorView sk = raw_k.rows(0, raw_k.capacity()), sv = raw_v.rows(0, raw_v.capacity());
-    be->copy_tensor_at(sk, pos0, pos, k, run.stream);
-    be->copy_tensor_at(sv, pos0, pos, v, run.stream);
+    {
+      const Phase copy_phase(run.timer, "kv copy");
+      be->copy_tensor_at(sk, pos0, pos, k, run.stream);
+      be->copy_tensor_at(sv, pos0, pos, v, run.stream);
+    }
     const KvSegment raw{sk, sv, pos0};
     const int64_t core_end = variant.has_core() ? (n + 1) / variant.group : 0;
     const int64_t core_rows = core_k.capacity();
@@ -282,6 +307,7 @@ struct KvCache::Impl {
       pp.scale = scale;
       pp.stream = run.stream;
       pp.pos_device = pos;
+      const Phase pool_phase(run.timer, "pool");
       be->pool(pp);
     }
     AttendProblem a = attend_problem(q, out, {}, core_rows, n_sink, raw);
@@ -303,7 +329,10 @@ struct KvCache::Impl {
               const TensorView& out, const TensorView& lse) {
     check_chunk(q, k, v, out, lse);
     const Pending p = prepare(q, k, v, out, lse);
-    be->attend(p.attend);  // 3. each query sees what the variant's policy says
+    {
+      const Phase attend_phase(run.timer, "attend");
+      be->attend(p.attend);  // 3. each query sees what the variant's policy says
+    }
     commit(p);
   }
 };
@@ -391,7 +420,10 @@ void append_batch(const std::vector<KvCache::Impl*>& impls, const TensorView& q,
         prepare(*impls[size_t(s)], s, row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s)));
     problems.push_back(pending.back().attend);
   }
-  impls.front()->be->attend_batch(problems);
+  {
+    const Phase attend_phase(impls.front()->run.timer, "attend");
+    impls.front()->be->attend_batch(problems);
+  }
   for (int64_t s = 0; s < S; ++s) impls[size_t(s)]->commit(pending[size_t(s)]);
 }
 

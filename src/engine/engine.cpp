@@ -113,6 +113,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(op
   ctx_ = std::make_unique<ops::Context>(device_plan_.device == Device::cuda
                                             ? ops::Context::cuda()
                                             : ops::Context::cpu(opt_.threads));
+  ctx_->profile().set_enabled(opt_.profile);
   const Device dev = ctx_->device();
   const DType dt = device_plan_.dtype;
   kv_dtype_ = device_plan_.kv_dtype;
@@ -157,6 +158,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(op
   }
   model_ = std::make_unique<model::Model>(model_dir, *ctx_, dt);
   acts_ = std::make_unique<model::Activations>(*model_, rows, logit_rows, kv_dtype_);
+  if (ctx_->device() == Device::cuda) model::warm_up(*acts_);
 }
 
 Engine::~Engine() {
@@ -253,6 +255,7 @@ bool all_greedy(std::span<const model::SamplingParams> sp) {
 void Engine::queue_choice(int64_t m, std::span<const model::SamplingParams> sp,
                           const int32_t* counters_device) {
   const TensorView lg = acts_->logits.slice(0, 0, m);
+  const ops::Timed t(ctx_->profile(), "sample");
   if (all_greedy(sp)) {
     ops::argmax_rows(*ctx_, lg, acts_->sel);
   } else {
@@ -291,7 +294,7 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
     rows[size_t(i)] = int32_t(i);
     pos[size_t(i)] = int32_t(seqs[size_t(i)]->length_);
   }
-  bool replayable = device() == Device::cuda && opt_.cuda_graphs;
+  bool replayable = device() == Device::cuda && opt_.cuda_graphs && !opt_.profile;
   for (Sequence* s : seqs)
     for (const KvCache& c : s->caches_) replayable = replayable && c.next_step_replayable();
   const std::vector<Sequence*> batch(seqs.begin(), seqs.end());
@@ -379,6 +382,8 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
                                              int64_t max_context, const RunCallbacks& cb) {
   check(!requests.empty(), "no prompts to generate from");
   const double t0 = now_s();
+  ctx_->profile().reset();
+  breakdown_ = {};
   const size_t S = requests.size();
   std::vector<GenerateResult> res(S);
   std::vector<std::unique_ptr<Sequence>> seqs(S);
@@ -433,6 +438,11 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
     active[i] = emit(i, first);
   }
 
+  ops::Profile& prof = ctx_->profile();
+  if (prof.enabled()) {
+    breakdown_.prefill = prof.report();
+    prof.reset();
+  }
   const double d0 = now_s();
   std::vector<Sequence*> batch;
   std::vector<int32_t> step_ids;
@@ -465,6 +475,10 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
     }
   }
   const double decode_s = now_s() - d0;
+  if (prof.enabled()) {
+    breakdown_.decode = prof.report();
+    prof.reset();
+  }
   for (size_t i = 0; i < S; ++i) {
     res[i].decode_s = decode_s;
     res[i].kv_bytes = seqs[i]->kv_bytes();

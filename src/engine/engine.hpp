@@ -36,6 +36,9 @@ struct EngineOptions {
   int64_t max_batch = 1;    // sequences stepped together
   int64_t plan_tokens = 0;  // tokens per sequence the caller will run (memory check); 0: none
   bool cuda_graphs = true;  // GPU decode steps replayed from a captured CUDA graph
+  // Time the named regions of each step (ops::Profile): Engine::breakdown(). Decode steps then
+  // run eagerly, and every region costs an event pair: slower, for shares only.
+  bool profile = false;
 };
 
 // Where and in what precision a run of a model goes, decided before anything loads.
@@ -160,6 +163,12 @@ class Engine {
   // the same and no cache's window moves; otherwise it runs as step() then choose().
   std::vector<int32_t> decode(std::span<Sequence* const> seqs, std::span<const int32_t> tokens,
                               std::span<const model::SamplingParams> sampling);
+  // With EngineOptions::profile: where the time of the last generate() went, its prefills and
+  // its decode steps apart.
+  struct Breakdown {
+    std::vector<ops::Profile::Row> prefill, decode;
+  };
+  const Breakdown& breakdown() const { return breakdown_; }
   int64_t graph_replays() const { return graph_replays_; }  // decode steps run from a graph
   int64_t graph_captures() const { return graph_captures_; }
 
@@ -198,6 +207,7 @@ class Engine {
   DecodeGraph graph_;
   std::vector<Sequence*> last_decode_;  // the batch of the last eager decode step
   int64_t graph_replays_ = 0, graph_captures_ = 0;
+  Breakdown breakdown_;
   void drop_graph();
   void note_peak_memory();
   void run_step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens,

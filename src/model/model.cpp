@@ -22,6 +22,15 @@ TensorView heads_view(const TensorView& m, int64_t row0, int64_t B, int64_t n, i
   return v;
 }
 
+// ops::linear as one region of the context's profile, with its FLOPs for a rate.
+void linear(const ops::Context& ctx, const char* region, const TensorView& x,
+            std::span<const ops::LinearPart> parts, const TensorView& y, bool accumulate = false) {
+  double out = 0;
+  for (const ops::LinearPart& p : parts) out += double(p.w.shape[0]);
+  const ops::Timed t(ctx.profile(), region, 2.0 * double(x.shape[0]) * double(x.shape[1]) * out);
+  ops::linear(ctx, x, parts, y, accumulate);
+}
+
 }  // namespace
 
 Model::Model(const std::string& dir, const ops::Context& ctx, DType dtype)
@@ -174,13 +183,27 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
   check(!device_positions || one_each, "device-held positions need one token per sequence");
   const bool batched = device_positions || (slices.size() > 1 && one_each);
 
-  ops::embed(ctx, a.ids, w.embed, x);
+  ops::Profile& prof = ctx.profile();
+  {
+    const ops::Timed t(prof, "embed");
+    ops::embed(ctx, a.ids, w.embed, x);
+  }
   for (size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& L = w.layers[l];
-    ops::rms_norm(ctx, x, L.attn_norm, eps, h);
-    ops::linear(ctx, h, L.qkv, qkv);
-    ops::rope(ctx, qkv, Hq + Hkv, a.positions, m.inv_freq());  // q and k heads are adjacent
-    if (kv_convert) ops::convert(ctx, qkv, kv_qkv);
+    {
+      const ops::Timed t(prof, "norm");
+      ops::rms_norm(ctx, x, L.attn_norm, eps, h);
+    }
+    linear(ctx, "gemm qkv", h, L.qkv, qkv);
+    {
+      const ops::Timed t(prof, "rope");
+      ops::rope(ctx, qkv, Hq + Hkv, a.positions, m.inv_freq());  // q and k heads are adjacent
+    }
+    if (kv_convert) {
+      const ops::Timed t(prof, "convert");
+      ops::convert(ctx, qkv, kv_qkv);
+    }
+    // The caches time their own phases (kv copy, pool, attend) on the same profile.
     if (batched) {
       std::vector<KvCache*> caches;
       for (const StepSlice& s : slices) caches.push_back(&(*s.caches)[l]);
@@ -200,14 +223,35 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
                               heads_view(kv_qkv, s.row0, 1, s.rows, Hq + Hkv, Hkv, D),
                               heads_view(kv_att, s.row0, 1, s.rows, 0, Hq, D));
     }
-    if (kv_convert) ops::convert(ctx, kv_att, att);
-    ops::linear(ctx, att, L.o, x, /*accumulate=*/true);
+    if (kv_convert) {
+      const ops::Timed t(prof, "convert");
+      ops::convert(ctx, kv_att, att);
+    }
+    linear(ctx, "gemm o", att, L.o, x, /*accumulate=*/true);
 
-    ops::rms_norm(ctx, x, L.mlp_norm, eps, h);
-    ops::linear(ctx, h, L.gate_up, gu);
-    ops::swiglu(ctx, gate, up, gate);  // in place: the down projection reads the gate columns
-    ops::linear(ctx, gate, L.down, x, /*accumulate=*/true);
+    {
+      const ops::Timed t(prof, "norm");
+      ops::rms_norm(ctx, x, L.mlp_norm, eps, h);
+    }
+    linear(ctx, "gemm gate_up", h, L.gate_up, gu);
+    {
+      const ops::Timed t(prof, "swiglu");
+      ops::swiglu(ctx, gate, up, gate);  // in place: the down projection reads the gate columns
+    }
+    linear(ctx, "gemm down", gate, L.down, x, /*accumulate=*/true);
   }
+}
+
+void warm_up(Activations& a) {
+  const Model& m = a.model();
+  const ops::Context& ctx = m.context();
+  const LayerWeights& L = m.weights().layers.front();
+  const int64_t I = m.config().intermediate_size;
+  ops::tune_linear(ctx, a.h, L.qkv, a.qkv);
+  ops::tune_linear(ctx, a.att, L.o, a.x, /*accumulate=*/true);
+  ops::tune_linear(ctx, a.h, L.gate_up, a.gate_up);
+  ops::tune_linear(ctx, a.gate_up.slice(1, 0, I), L.down, a.x, /*accumulate=*/true);
+  ctx.synchronize();
 }
 
 void compute_logits(Activations& a, int64_t m) {
@@ -215,10 +259,13 @@ void compute_logits(Activations& a, int64_t m) {
   const ops::Context& ctx = mo.context();
   const TensorView sx = a.sel_x.slice(0, 0, m), sh = a.sel_h.slice(0, 0, m),
                    lg = a.logits.slice(0, 0, m);
-  ops::gather_rows(ctx, a.x, a.sel, sx);
-  ops::rms_norm(ctx, sx, mo.weights().final_norm, float(mo.config().rms_norm_eps), sh);
+  {
+    const ops::Timed t(ctx.profile(), "norm");
+    ops::gather_rows(ctx, a.x, a.sel, sx);
+    ops::rms_norm(ctx, sx, mo.weights().final_norm, float(mo.config().rms_norm_eps), sh);
+  }
   const ops::LinearPart head{mo.weights().lm_head, {}};
-  ops::linear(ctx, sh, std::span(&head, 1), lg);
+  linear(ctx, "gemm lm_head", sh, std::span(&head, 1), lg);
 }
 
 std::vector<KvCache> make_caches(const Model& m, const VariantSpec& v, DType kv_dtype,
@@ -231,6 +278,7 @@ std::vector<KvCache> make_caches(const Model& m, const VariantSpec& v, DType kv_
   run.stream = m.context().stream();
   run.workspace = workspace;
   run.workspace_bytes = workspace_bytes;
+  run.timer = &m.context().profile();
   std::vector<KvCache> caches;
   caches.reserve(size_t(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l)

@@ -107,6 +107,12 @@ struct StepSlice {
 void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
              bool device_positions = false);
 
+// Tunes the GEMMs of a full-size step (all of a's rows; ops::tune_linear) before any request, so
+// that prefill chunks run the fastest algorithms and no prompt pays for the timing. Runs one
+// layer's projections on whatever a's buffers hold (a.x is rewritten by the next forward) and
+// waits for them.
+void warm_up(Activations& a);
+
 // a.logits rows [0, m) = lm_head(final_norm(a.x rows set by set_logit_rows)), float32.
 void compute_logits(Activations& a, int64_t m);
 

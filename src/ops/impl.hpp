@@ -16,6 +16,7 @@ struct ContextFactory {
     c.blas_ = blas;
     c.workspace_ = workspace;
     c.workspace_bytes_ = workspace_bytes;
+    c.profile_ = std::make_unique<Profile>(device, stream);
     return c;
   }
 };
@@ -44,6 +45,8 @@ int resolve_threads(int threads);  // 0 -> OMP_NUM_THREADS, else all cores
 namespace cuda {
 void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
             const TensorView& y, bool accumulate);
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate);
 void rms_norm(const Context& ctx, const TensorView& x, const TensorView& w, float eps,
               const TensorView& out);
 void rope(const Context& ctx, const TensorView& x, int64_t heads, const int32_t* positions,
@@ -75,6 +78,11 @@ void* end_capture(const Context& ctx);
 void abort_capture(const Context& ctx) noexcept;
 void launch_graph(const Context& ctx, void* graph);
 void destroy_graph(void* graph) noexcept;
+// graph.cpp: CUDA events for ops::Profile.
+void* event_create();
+void event_record(void* event, void* stream);
+float event_elapsed_ms(void* start, void* stop);  // waits for `stop`
+void event_destroy(void* event) noexcept;
 }  // namespace cuda
 #endif
 

@@ -80,6 +80,7 @@ Context& Context::operator=(Context&& o) noexcept {
     blas_ = o.blas_;
     workspace_ = o.workspace_;
     workspace_bytes_ = o.workspace_bytes_;
+    profile_ = std::move(o.profile_);
     o.stream_ = o.blas_ = o.workspace_ = nullptr;
     o.workspace_bytes_ = 0;
   }
@@ -88,6 +89,7 @@ Context& Context::operator=(Context&& o) noexcept {
 Context::~Context() { release(); }
 
 void Context::release() noexcept {
+  profile_.reset();  // its events first, while the device is still set up
 #ifdef CCA_WITH_CUDA
   if (device_ == Device::cuda && (stream_ || blas_ || workspace_))
     cuda::release(stream_, blas_, workspace_);
@@ -220,8 +222,9 @@ std::string Context::describe() const {
 
 // ---- the ops: checks shared by both implementations, then dispatch ------------------------
 
-void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
-            const TensorView& y, bool accumulate) {
+namespace {
+void run_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                const TensorView& y, bool accumulate, bool tuning) {
   const Device dev = ctx.device();
   check_matrix(x, "linear", "x", dev);
   check_matrix(y, "linear", "y", dev);
@@ -243,10 +246,23 @@ void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart>
   if (x.shape[0] == 0) return;
   if (on_cuda(ctx)) {
 #ifdef CCA_WITH_CUDA
-    return cuda::linear(ctx, x, parts, y, accumulate);
+    return tuning ? cuda::tune_linear(ctx, x, parts, y, accumulate)
+                  : cuda::linear(ctx, x, parts, y, accumulate);
 #endif
   }
+  (void)tuning;  // the cpu's BLAS has nothing to choose
   cpu::linear(ctx, x, parts, y, accumulate);
+}
+}  // namespace
+
+void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+            const TensorView& y, bool accumulate) {
+  run_linear(ctx, x, parts, y, accumulate, /*tuning=*/false);
+}
+
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate) {
+  run_linear(ctx, x, parts, y, accumulate, /*tuning=*/true);
 }
 
 void rms_norm(const Context& ctx, const TensorView& x, const TensorView& w, float eps,

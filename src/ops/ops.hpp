@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cca/tensor.hpp"
+#include "ops/profile.hpp"
 #include "ops/sample_math.hpp"
 
 namespace cca::ops {
@@ -70,6 +71,9 @@ class Context {
   // A name for messages: "cpu (2 threads)", "cuda: NVIDIA H200 (sm_90)".
   std::string describe() const;
 
+  // Timing of the work queued on this context, by named region (off until enabled).
+  Profile& profile() const { return *profile_; }
+
  private:
   friend struct ContextFactory;  // the cpu and cuda factories (ops/cpu, ops/cuda)
   Context() = default;
@@ -80,6 +84,7 @@ class Context {
   void* blas_ = nullptr;
   void* workspace_ = nullptr;
   int64_t workspace_bytes_ = 0;
+  std::unique_ptr<Profile> profile_;
 };
 
 // One weight matrix W [out, in] (as Hugging Face stores it) and an optional bias b [out].
@@ -95,6 +100,12 @@ struct LinearPart {
 // y, so such a y may be rounded twice.
 void linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
             const TensorView& y, bool accumulate = false);
+
+// linear, with its GEMM algorithms chosen by timing where that pays (GPU, GEMMs of 1024 rows and
+// more: cuBLASLt's candidates, a few hundred milliseconds per shape, once per process); later
+// calls of linear with the same views use that choice. linear itself never times anything.
+void tune_linear(const Context& ctx, const TensorView& x, std::span<const LinearPart> parts,
+                 const TensorView& y, bool accumulate = false);
 
 // out [n, H] = x * rsqrt(mean(x^2) + eps) * w, in float32, rounded once to out's dtype.
 // x float32 [n, H], w [H] (the weights' dtype).

@@ -28,84 +28,10 @@
 #include "cca/error.hpp"
 #include "cpu_ops.hpp"
 #include "cpu_simd.hpp"
+#include "cpu_tile.hpp"
 
 namespace cca::cpu {
 namespace {
-
-constexpr int kBlockN = 128;  // keys per block (64 and 256 measured slower: docs/perf.md)
-constexpr int kSegments = 3;  // core, sink, local
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-// Running max before any key: finite, so m_old - m_new never computes inf - inf.
-constexpr float kMaxInit = -FLT_MAX;
-
-// Key range [lo, hi) of segment `s` for a query that sees `v`.
-inline void segment_range(const Visible& v, int s, int64_t& lo, int64_t& hi) {
-  switch (s) {
-    case 0:
-      lo = 0;
-      hi = v.n_core;
-      break;
-    case 1:
-      lo = 0;
-      hi = v.sink_end;
-      break;
-    default:
-      lo = v.local_begin;
-      hi = v.local_end;
-      break;
-  }
-}
-
-// One segment's keys and values for one (batch, KV head): row pointers at segment row 0.
-struct SegmentRows {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t k_stride = 0, v_stride = 0;  // between rows, in elements
-  DType k_dtype = DType::f32, v_dtype = DType::f32;
-  int64_t pos0 = 0;
-
-  SegmentRows(const KvSegment& s, int64_t b, int64_t head)
-      : k(static_cast<const char*>(s.k.ptr(s.k.offset(b, 0, head)))),
-        v(static_cast<const char*>(s.v.ptr(s.v.offset(b, 0, head)))),
-        k_stride(s.k.stride[1]),
-        v_stride(s.v.stride[1]),
-        k_dtype(s.k.dtype),
-        v_dtype(s.v.dtype),
-        pos0(s.pos0) {}
-};
-
-// Float32 rows [pos, pos + n) of one tensor of a segment: in place for float32, else converted
-// into `buf` [n][D]. Returns the row pointer and sets `stride`.
-const float* block_rows(const char* base, DType dt, int64_t row_stride, int64_t row, int64_t n,
-                        int64_t D, float* buf, int64_t& stride) {
-  const int64_t esize = dtype_size(dt);
-  if (dt == DType::f32) {
-    stride = row_stride;
-    return reinterpret_cast<const float*>(base + row * row_stride * esize);
-  }
-  for (int64_t j = 0; j < n; ++j)
-    load_row(base + (row + j) * row_stride * esize, dt, D, buf + j * D);
-  stride = D;
-  return buf;
-}
-
-// Asks for rows [row, row + n) of a segment's keys and values to be brought into L2 while the
-// current block computes: rows of one head are H*D elements apart, too far apart for the
-// hardware prefetchers once K and V outgrow L2 (full attention at long T).
-inline void prefetch_rows(const SegmentRows& seg, int64_t pos, int64_t n, int64_t D) {
-#if defined(CCA_CPU_AVX512)
-  const int64_t kb = dtype_size(seg.k_dtype), vb = dtype_size(seg.v_dtype);
-  for (int64_t j = 0; j < n; ++j) {
-    const char* kr = seg.k + (pos - seg.pos0 + j) * seg.k_stride * kb;
-    const char* vr = seg.v + (pos - seg.pos0 + j) * seg.v_stride * vb;
-    for (int64_t off = 0; off < D * kb; off += 64) _mm_prefetch(kr + off, _MM_HINT_T1);
-    for (int64_t off = 0; off < D * vb; off += 64) _mm_prefetch(vr + off, _MM_HINT_T1);
-  }
-#else
-  (void)seg, (void)pos, (void)n, (void)D;
-#endif
-}
 
 // Per-thread scratch of one query tile.
 struct TileState {
@@ -118,7 +44,6 @@ struct TileState {
   float* m = nullptr;      // [kBlockM] running max (base-2 logits)
   float* l = nullptr;      // [kBlockM] running sum
   float* alpha = nullptr;  // [kBlockM] rescale of this block
-  int32_t lo_rel[kBlockM], hi_rel[kBlockM];
 
   static int64_t floats(int64_t D) {
     return 2 * D * kBlockM + int64_t(kBlockN) * kBlockM + 2 * int64_t(kBlockN) * D + 3 * kBlockM;
@@ -150,17 +75,7 @@ void attend_block(TileState& ts, const SegmentRows& seg, int64_t k0, int64_t nk,
   // S^T [nk][64] = K_blk [nk][D] Qt [D][64]
   tile_product_rows<false>(nk, D, kp, ks, 1, ts.qt, ts.st, nullptr);
 
-  if (masked) {
-    for (int i = 0; i < kBlockM; ++i) {
-      ts.lo_rel[i] = int32_t(std::clamp<int64_t>(lo[i] - k0, 0, nk));
-      ts.hi_rel[i] = int32_t(std::clamp<int64_t>(hi[i] - k0, 0, nk));
-    }
-    for (int32_t j = 0; j < int32_t(nk); ++j) {
-      float* sj = ts.st + j * kBlockM;
-      for (int i = 0; i < kBlockM; ++i)
-        sj[i] = (j >= ts.lo_rel[i] && j < ts.hi_rel[i]) ? sj[i] : -INFINITY;
-    }
-  }
+  if (masked) mask_block(ts.st, k0, nk, lo, hi);
 
   // Online softmax update, vectorised over the 64 queries of the tile.
 #if defined(CCA_CPU_AVX512)
@@ -209,15 +124,7 @@ void attend_tile(const AttendProblem& p, TileState& ts, int64_t b, int64_t h, in
   const int64_t D = ts.D, Hq = p.q.shape[2], Hkv = p.local.k.shape[2], group_size = Hq / Hkv;
   const float qscale = p.scale * kLog2e;
 
-  for (int64_t d = 0; d < D; ++d)
-    for (int i = 0; i < kBlockM; ++i) ts.qt[d * kBlockM + i] = 0.f;
-  {
-    float row[1024];  // D is checked to be <= 1024
-    for (int64_t i = 0; i < nq; ++i) {
-      load_row(p.q.ptr(p.q.offset(b, r0 + i, h)), p.q.dtype, D, row);
-      for (int64_t d = 0; d < D; ++d) ts.qt[d * kBlockM + i] = row[d] * qscale;
-    }
-  }
+  load_transposed(p.q, b, r0, nq, h, qscale, ts.qt);
   for (int64_t x = 0; x < D * kBlockM; ++x) ts.ot[x] = 0.f;
   for (int i = 0; i < kBlockM; ++i) {
     ts.m[i] = kMaxInit;
@@ -228,37 +135,10 @@ void attend_tile(const AttendProblem& p, TileState& ts, int64_t b, int64_t h, in
   for (int64_t i = 0; i < nq; ++i) vis[i] = visible_keys(p.variant, p.q_pos0 + r0 + i);
 
   const KvSegment* segs[kSegments] = {&p.core, &p.sink, &p.local};
-  for (int s = 0; s < kSegments; ++s) {
-    int64_t lo[kBlockM], hi[kBlockM];
-    int64_t union_lo = INT64_MAX, union_hi = INT64_MIN, all_lo = INT64_MIN, all_hi = INT64_MAX;
-    for (int i = 0; i < kBlockM; ++i) {
-      if (i < nq) {
-        segment_range(vis[i], s, lo[i], hi[i]);
-      } else {
-        lo[i] = hi[i] = 0;  // padding columns see nothing
-        continue;
-      }
-      if (hi[i] <= lo[i]) {  // this query sees nothing here: every block needs the mask
-        all_lo = INT64_MAX;
-        continue;
-      }
-      union_lo = std::min(union_lo, lo[i]);
-      union_hi = std::max(union_hi, hi[i]);
-      all_lo = std::max(all_lo, lo[i]);
-      all_hi = std::min(all_hi, hi[i]);
-    }
-    if (union_hi <= union_lo) continue;
-    const int64_t head = (s == 0 && p.variant.pool_heads == PoolHeads::query) ? h : h / group_size;
-    const SegmentRows rows(*segs[s], b, head);
-    for (int64_t k0 = union_lo; k0 < union_hi; k0 += kBlockN) {
-      const int64_t nk = std::min<int64_t>(kBlockN, union_hi - k0);
-      // Padding columns (nq < kBlockM) need no mask: their zero queries are never written out.
-      const bool masked = k0 < all_lo || k0 + nk > all_hi;
-      const int64_t next = k0 + nk;
-      prefetch_rows(rows, next, std::min<int64_t>(kBlockN, union_hi - next), D);
-      attend_block(ts, rows, k0, nk, masked, lo, hi);
-    }
-  }
+  for_each_key_block(
+      segs, p.variant, vis, nq, b, h, group_size, D,
+      [&](const SegmentRows& rows, int64_t k0, int64_t nk, bool masked, const int64_t* lo,
+          const int64_t* hi) { attend_block(ts, rows, k0, nk, masked, lo, hi); });
 
   // O = Ot^T / l, lse = ln(2^m l) = m ln 2 + ln l.
   for (int64_t i = 0; i < nq; ++i) {

@@ -13,6 +13,10 @@ class CpuBackend final : public Backend {
   BackendKind kind() const override { return BackendKind::cpu; }
   void attend(const AttendProblem& p) const override { cpu::attend(p); }
   void pool(const PoolProblem& p) const override { cpu::pool(p); }
+  std::string unsupported_bwd(const AttendBwdProblem&) const override { return ""; }
+  void attend_bwd_delta(const AttendBwdProblem& p) const override { cpu::attend_bwd_delta(p); }
+  void attend_bwd(const AttendBwdProblem& p) const override { cpu::attend_bwd(p); }
+  void pool_bwd(const PoolBwdProblem& p) const override { cpu::pool_bwd(p); }
 
   // Sequences in parallel, each on one thread: a decode step of one sequence is too small to
   // split, and the sequences' lengths differ, so a dynamic schedule balances them.

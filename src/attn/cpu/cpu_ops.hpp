@@ -1,4 +1,4 @@
-// The two operations of the optimised CPU backend (cpu_attend.cpp, cpu_pool.cpp).
+// The operations of the optimised CPU backend (cpu_attend.cpp, cpu_attend_bwd.cpp, cpu_pool.cpp).
 #pragma once
 #include "backend.hpp"
 
@@ -12,6 +12,11 @@ bool prefers_decode_path(const AttendProblem& p);
 void attend_decode(const AttendProblem& p);
 // Core tokens of groups [p.group_begin, p.group_end).
 void pool(const PoolProblem& p);
+// Backward (backend.hpp): delta = rowsum(dout * out); the attention backward (cpu_attend_bwd.cpp);
+// the pooling backward.
+void attend_bwd_delta(const AttendBwdProblem& p);
+void attend_bwd(const AttendBwdProblem& p);
+void pool_bwd(const PoolBwdProblem& p);
 // OpenMP team size for `items` work items and `flops` of work, asking for `threads` (0 = all).
 int thread_count(int threads, int64_t items, double flops);
 double attend_flops(const AttendProblem& p);

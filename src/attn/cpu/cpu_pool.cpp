@@ -61,6 +61,30 @@ const void* row_ptr(const TensorView& t, int64_t b, int64_t row, int64_t head) {
   return t.ptr(t.offset(b, row, head));
 }
 
+// Pooling weights of one group for pool = cca: w[x] = mean over the nh query rows qrows[j] [D]
+// of softmax_x(scale qrows[j] . key x), with key x read by key(x) -> const float* [D]. The
+// softmaxes stay in probs [nh][g] (the backward needs them).
+template <class KeyRow>
+void cca_weights(const float* qrows, int64_t nh, KeyRow key, int64_t g, int64_t D, float scale,
+                 float* probs, float* w) {
+  for (int64_t x = 0; x < g; ++x) {
+    const float* kx = key(x);
+    for (int64_t j = 0; j < nh; ++j) probs[j * g + x] = scale * dot_product(qrows + j * D, kx, D);
+  }
+  std::fill(w, w + g, 0.f);
+  for (int64_t j = 0; j < nh; ++j) {
+    float* pj = probs + j * g;
+    const float mx = *std::max_element(pj, pj + g);
+    float sum = 0.f;
+    for (int64_t x = 0; x < g; ++x) sum += (pj[x] = std::exp(pj[x] - mx));
+    const float inv = 1.f / sum;
+    for (int64_t x = 0; x < g; ++x) {
+      pj[x] *= inv;
+      w[x] += pj[x] / float(nh);
+    }
+  }
+}
+
 }  // namespace
 
 // q [B, n, Hq, D] at q_pos0.., raw k/v [B, rows, Hkv, D] at raw.pos0.. -> k_core/v_core
@@ -117,21 +141,12 @@ void pool(const PoolProblem& p) {
           const int64_t h0 = per_query ? c : c * r, last_q = (i + 1) * g - 1 - p.q_pos0;
           for (int64_t j = 0; j < nh; ++j)
             load_row(row_ptr(p.q, b, last_q, h0 + j), p.q.dtype, D, qbuf + j * D);
-          for (int64_t x = 0; x < g; ++x) {
-            const float* kx =
-                row_as_float(row_ptr(p.raw.k, b, row0 + x, kvh), p.raw.k.dtype, D, krow);
-            for (int64_t j = 0; j < nh; ++j)
-              logits[j * g + x] = p.scale * dot_product(qbuf + j * D, kx, D);
-          }
-          std::fill(w, w + g, 0.f);
-          for (int64_t j = 0; j < nh; ++j) {
-            float* lj = logits + j * g;
-            const float mx = *std::max_element(lj, lj + g);
-            float sum = 0.f;
-            for (int64_t x = 0; x < g; ++x) sum += (lj[x] = std::exp(lj[x] - mx));
-            const float norm = 1.f / (sum * float(nh));
-            for (int64_t x = 0; x < g; ++x) w[x] += lj[x] * norm;
-          }
+          cca_weights(
+              qbuf, nh,
+              [&](int64_t x) {
+                return row_as_float(row_ptr(p.raw.k, b, row0 + x, kvh), p.raw.k.dtype, D, krow);
+              },
+              g, D, p.scale, logits, w);
         }
         std::fill(ksum, ksum + D, 0.f);
         std::fill(vsum, vsum + D, 0.f);
@@ -155,6 +170,148 @@ void pool(const PoolProblem& p) {
         for (int64_t d = 0; d < D; ++d) {
           p.k_core.store(ok + d, ksum[d]);
           p.v_core.store(ov + d, vsum[d]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cca::cpu
+
+namespace cca::cpu {
+namespace {
+
+void check_pool_bwd_problem(const PoolBwdProblem& p) {
+  check(p.q.data && p.k.data && p.v.data && p.q.ndim == 4 && p.k.ndim == 4 && p.v.ndim == 4 &&
+            p.dk_core.data && p.dv_core.data && p.dk_core.ndim == 4 && p.dv_core.ndim == 4,
+        "cpu pool_bwd: q, k, v, dk_core and dv_core must be 4-d tensors");
+  const int64_t B = p.q.shape[0], T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+  const int64_t Hkv = p.k.shape[2], m = p.dk_core.shape[1], g = p.variant.group;
+  check(Hkv >= 1 && Hq % Hkv == 0 && D <= 1024 && g >= 1 && m * g <= T,
+        "cpu pool_bwd: bad problem: q " + p.q.shape_string() + ", k " + p.k.shape_string() + ", " +
+            std::to_string(m) + " groups of " + std::to_string(g));
+  const int64_t Hc = p.variant.core_heads(Hq, Hkv);
+  auto same = [](const TensorView& t, const TensorView& like, bool f32) {
+    bool ok = t.data && t.ndim == 4 && t.stride[3] == 1 && (!f32 || t.dtype == DType::f32);
+    for (int i = 0; ok && i < 4; ++i) ok = t.shape[i] == like.shape[i];
+    return ok;
+  };
+  for (const TensorView* c : {&p.dk_core, &p.dv_core})
+    check(c->dtype == DType::f32 && c->stride[3] == 1 && c->shape[0] == B && c->shape[1] == m &&
+              c->shape[2] == Hc && c->shape[3] == D,
+          "cpu pool_bwd: core gradients " + c->shape_string() + " must be float32 [" +
+              std::to_string(B) + ", " + std::to_string(m) + ", " + std::to_string(Hc) + ", " +
+              std::to_string(D) + "]");
+  check(same(p.k, p.k, false) && same(p.v, p.k, false) && same(p.q, p.q, false) &&
+            p.k.shape[0] == B && p.k.shape[1] == T && p.k.shape[3] == D,
+        "cpu pool_bwd: k " + p.k.shape_string() + ", v " + p.v.shape_string() + " do not match q " +
+            p.q.shape_string());
+  check(same(p.dq, p.q, true) && same(p.dk, p.k, true) && same(p.dv, p.v, true),
+        "cpu pool_bwd: dq, dk, dv must be float32 with the shapes of q, k, v");
+}
+
+}  // namespace
+
+// Gradients of the core tokens of groups 0..m-1 into dq (pool = cca), dk and dv: one work item
+// per (batch, group, KV head), so each item owns its group's key rows and last query rows.
+void pool_bwd(const PoolBwdProblem& p) {
+  check_pool_bwd_problem(p);
+  const int64_t m = p.dk_core.shape[1];
+  if (m == 0) return;
+  const int64_t B = p.q.shape[0], Hq = p.q.shape[2], D = p.q.shape[3], Hkv = p.k.shape[2];
+  const int64_t r = Hq / Hkv, g = p.variant.group;
+  const bool per_query = p.variant.pool_heads == PoolHeads::query;
+  // Core heads of a KV head, and query heads pooled into each.
+  const int64_t cores = per_query ? r : 1, nh = per_query ? 1 : r;
+  const PoolMode mode = p.variant.pool;
+  const int64_t items = B * m * Hkv;
+  const int nthreads = thread_count(p.threads, items, 8.0 * double(items * g * D) * double(r + 1));
+  // Per thread: nh query rows, nh x g softmaxes, g weights and dw, g key, value and gradient
+  // rows of each, a dq row.
+  const int64_t per_thread = (nh * D + nh * g + 2 * g + 4 * g * D + D + 15) / 16 * 16;
+  AlignedFloats scratch(per_thread * nthreads);
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* qbuf = scratch.data() + per_thread * omp_get_thread_num();
+    float* probs = qbuf + nh * D;
+    float* w = probs + nh * g;
+    float* dw = w + g;
+    float* krows = dw + g;
+    float* vrows = krows + g * D;
+    float* gk = vrows + g * D;
+    float* gv = gk + g * D;
+    float* gq = gv + g * D;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (m * Hkv), i = (item / Hkv) % m, kvh = item % Hkv;
+      const int64_t row0 = i * g, last = row0 + g - 1;
+      for (int64_t x = 0; x < g; ++x) {
+        load_row(row_ptr(p.k, b, row0 + x, kvh), p.k.dtype, D, krows + x * D);
+        load_row(row_ptr(p.v, b, row0 + x, kvh), p.v.dtype, D, vrows + x * D);
+      }
+      std::fill(gk, gk + g * D, 0.f);
+      std::fill(gv, gv + g * D, 0.f);
+      for (int64_t cc = 0; cc < cores; ++cc) {
+        const int64_t c = per_query ? kvh * r + cc : kvh, h0 = per_query ? c : c * r;
+        const float* dkc = static_cast<const float*>(row_ptr(p.dk_core, b, i, c));
+        const float* dvc = static_cast<const float*>(row_ptr(p.dv_core, b, i, c));
+        if (mode == PoolMode::max) {
+          // The gradient goes to the first position holding the maximum, as the reference's.
+          for (int64_t d = 0; d < D; ++d) {
+            int64_t bk = 0, bv = 0;
+            for (int64_t x = 1; x < g; ++x) {
+              if (krows[x * D + d] > krows[bk * D + d]) bk = x;
+              if (vrows[x * D + d] > vrows[bv * D + d]) bv = x;
+            }
+            gk[bk * D + d] += dkc[d];
+            gv[bv * D + d] += dvc[d];
+          }
+          continue;
+        }
+        if (mode == PoolMode::mean) {
+          std::fill(w, w + g, 1.f / float(g));
+        } else {
+          for (int64_t j = 0; j < nh; ++j)
+            load_row(row_ptr(p.q, b, last, h0 + j), p.q.dtype, D, qbuf + j * D);
+          cca_weights(
+              qbuf, nh, [&](int64_t x) { return krows + x * D; }, g, D, p.scale, probs, w);
+        }
+        for (int64_t x = 0; x < g; ++x) {
+          const float* kx = krows + x * D;
+          const float* vx = vrows + x * D;
+          dw[x] = dot_product(dkc, kx, D) + dot_product(dvc, vx, D);
+          for (int64_t d = 0; d < D; ++d) {
+            gk[x * D + d] += w[x] * dkc[d];
+            gv[x * D + d] += w[x] * dvc[d];
+          }
+        }
+        if (mode != PoolMode::cca) continue;
+        // w = mean_j softmax(z_j): dz_j = p_j (dw/nh - sum_x p_j dw/nh).
+        for (int64_t j = 0; j < nh; ++j) {
+          const float* pj = probs + j * g;
+          const float* qj = qbuf + j * D;
+          float mean = 0.f;
+          for (int64_t x = 0; x < g; ++x) mean += pj[x] * dw[x];
+          mean /= float(nh);
+          std::fill(gq, gq + D, 0.f);
+          for (int64_t x = 0; x < g; ++x) {
+            const float dz = p.scale * pj[x] * (dw[x] / float(nh) - mean);
+            for (int64_t d = 0; d < D; ++d) {
+              gq[d] += dz * krows[x * D + d];
+              gk[x * D + d] += dz * qj[d];
+            }
+          }
+          float* dq = static_cast<float*>(p.dq.ptr(p.dq.offset(b, last, h0 + j)));
+          for (int64_t d = 0; d < D; ++d) dq[d] += gq[d];
+        }
+      }
+      for (int64_t x = 0; x < g; ++x) {
+        float* dk = static_cast<float*>(p.dk.ptr(p.dk.offset(b, row0 + x, kvh)));
+        float* dv = static_cast<float*>(p.dv.ptr(p.dv.offset(b, row0 + x, kvh)));
+        for (int64_t d = 0; d < D; ++d) {
+          dk[d] += gk[x * D + d];
+          dv[d] += gv[x * D + d];
         }
       }
     }

@@ -90,4 +90,35 @@ inline AttendArgs make_attend_args(const AttendProblem& p) {
   return a;
 }
 
+// ---- backward (attend_bwd_kernel.cu, pool_bwd_kernel.cu) ---------------------------------------
+// A [B, n, H, D] view: its data and element strides (the last dimension contiguous).
+template <typename E>
+struct Rows {
+  E* p = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  __host__ __device__ E* at(int64_t b, int64_t t, int64_t h) const {
+    return p + b * sb + t * st + h * sh;
+  }
+};
+// A [B, Hq, T] float32 view (lse, delta).
+struct PerQuery {
+  float* p = nullptr;
+  int64_t sb = 0, sh = 0, st = 0;
+  __device__ float& at(int64_t b, int64_t h, int64_t t) const { return p[b * sb + h * sh + t * st]; }
+};
+
+template <typename E>
+inline Rows<E> make_rows(const TensorView& t) {
+  Rows<E> r;
+  if (!t.data) return r;
+  r.p = static_cast<E*>(t.data);
+  r.sb = t.stride[0];
+  r.st = t.stride[1];
+  r.sh = t.stride[2];
+  return r;
+}
+inline PerQuery make_per_query(const TensorView& t) {
+  return PerQuery{static_cast<float*>(t.data), t.stride[0], t.stride[1], t.stride[2]};
+}
+
 }  // namespace cca::cuda

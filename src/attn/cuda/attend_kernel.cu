@@ -12,13 +12,6 @@
 namespace cca::cuda {
 namespace {
 
-// Element offset of 16-byte chunk c of row r in a [rows][D] shared tile, XOR-swizzled so that
-// ldmatrix's 8 row addresses hit 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int c) {
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 // q [B, n, Hq, D] at positions q_pos0.. over segments [B, *, H, D]; grid (n/kBlockM, Hq, B).
 template <typename T, int D>
 __global__ void __launch_bounds__(AttendTile<D>::kThreads) attend_tiles_kernel(const AttendArgs a) {

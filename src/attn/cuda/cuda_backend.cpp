@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "backend.hpp"
@@ -45,6 +47,24 @@ std::string check_view(const TensorView& t, const char* name, DType dtype, int64
   if (t.ndim != 4 || t.shape[3] != D || t.stride[3] != 1)
     return std::string(name) + " must be [B, n, H, " + std::to_string(D) +
            "] with a contiguous last dimension, got " + t.shape_string();
+  return "";
+}
+
+// "" if `t` is a [shape] view of `dtype` in GPU memory with a contiguous last dimension.
+std::string check_tensor(const TensorView& t, const char* name, DType dtype,
+                         std::initializer_list<int64_t> shape) {
+  std::string want = "[";
+  for (int64_t d : shape) want += (want.size() > 1 ? ", " : "") + std::to_string(d);
+  want += "]";
+  bool ok = t.data && t.ndim == int(shape.size()) && t.dtype == dtype &&
+            t.stride[t.ndim - 1] == 1;
+  int i = 0;
+  for (int64_t d : shape) ok = ok && t.shape[i++] == d;
+  if (!ok)
+    return std::string(name) + " must be " + dtype_name(dtype) + " " + want +
+           " with a contiguous last dimension, got " +
+           (t.data ? std::string(dtype_name(t.dtype)) + " " + t.shape_string() : "none");
+  if (t.device != Device::cuda) return std::string(name) + " must be in GPU memory";
   return "";
 }
 
@@ -155,6 +175,101 @@ class CudaBackend final : public Backend {
     launch_pool(a, stream);
     if (a.k_core.data != p.k_core.data) launch_copy_tensor(p.k_core, a.k_core, stream);
     if (a.v_core.data != p.v_core.data) launch_copy_tensor(p.v_core, a.v_core, stream);
+  }
+
+  // ---- backward: delta, then the dK/dV and dQ kernels, then the pooling backward -----------
+  std::string unsupported_bwd(const AttendBwdProblem& p) const override {
+    // The backward kernels compile but have not yet run on a GPU (issue 10): until
+    // bench/gpu_backward.sh has validated them, they run only when asked for by name.
+    static const bool enabled = [] {
+      const char* e = std::getenv("CCA_CUDA_BACKWARD");
+      return e && std::string(e) == "1";
+    }();
+    if (!enabled)
+      return "backend cuda: the backward kernels have not been validated on a GPU yet; set "
+             "CCA_CUDA_BACKWARD=1 to run them anyway (bench/gpu_backward.sh validates them)";
+    const int64_t D = p.q.shape[3];
+    std::string why = unsupported_dtype_dim(p.q.dtype, D);
+    for (auto [t, name] : {std::pair{&p.q, "q"},
+                           {&p.k, "k"},
+                           {&p.v, "v"},
+                           {&p.out, "out"},
+                           {&p.dout, "dout"}})
+      if (why.empty())
+        why = t->data ? check_view(*t, name, p.q.dtype, D) : std::string(name) + " is missing";
+    for (auto [t, name] : {std::pair{&p.lse, "lse"}, {&p.delta, "delta"}})
+      if (why.empty() && t->data && (t->device != Device::cuda || t->dtype != DType::f32))
+        why = std::string(name) + " must be float32 in GPU memory";
+    if (why.empty() && p.q.shape[1] >= (int64_t(1) << 30))
+      why = "T = " + std::to_string(p.q.shape[1]) +
+            " is too long for the backward kernels (at most 2^30 - 1 tokens)";
+    if (why.empty() && core_tokens_needed(p.variant, p.q.shape[1]) > 0 &&
+        p.variant.pool == PoolMode::cca) {
+      const int64_t nh = p.variant.pool_heads == PoolHeads::query ? 1 : p.q.shape[2] / p.k.shape[2];
+      const int64_t bytes = pool_bwd_smem_bytes(D, nh, p.variant.group, p.variant.pool);
+      if (bytes > PoolBwdTile::kMaxSmemBytes)
+        why = "the pooling backward keeps a group's " + std::to_string(p.variant.group) +
+              " weights for " + std::to_string(nh) + " query heads in " +
+              std::to_string(bytes / 1024) + " KB of shared memory, more than the " +
+              std::to_string(PoolBwdTile::kMaxSmemBytes / 1024) + " KB it may use (reduce g)";
+    }
+    return why.empty() ? why : "backend cuda: " + why;
+  }
+
+  void attend_bwd_delta(const AttendBwdProblem& p) const override {
+    std::string why = unsupported_bwd(p);
+    if (why.empty())
+      why = check_tensor(p.delta, "delta", DType::f32, {p.q.shape[0], p.q.shape[2], p.q.shape[1]});
+    check(why.empty(), why);
+    launch_attend_bwd_delta(p, static_cast<cudaStream_t>(p.stream));
+  }
+
+  void attend_bwd(const AttendBwdProblem& p) const override {
+    std::string why = unsupported_bwd(p);
+    const int64_t B = p.q.shape[0], T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+    const int64_t Hkv = p.k.shape[2], Hc = p.variant.core_heads(Hq, Hkv);
+    const int64_t m = visible_keys(p.variant, T - 1).n_core;
+    for (auto [t, name] : {std::pair{&p.lse, "lse"}, {&p.delta, "delta"}})
+      if (why.empty()) why = check_tensor(*t, name, DType::f32, {B, Hq, T});
+    if (why.empty()) why = check_tensor(p.dq, "dq", DType::f32, {B, T, Hq, D});
+    if (why.empty()) why = check_tensor(p.dk, "dk", DType::f32, {B, T, Hkv, D});
+    if (why.empty()) why = check_tensor(p.dv, "dv", DType::f32, {B, T, Hkv, D});
+    if (m > 0) {
+      for (auto [t, name] : {std::pair{&p.k_core, "k_core"}, {&p.v_core, "v_core"}})
+        if (why.empty())
+          why = t->data && t->ndim == 4 && t->shape[1] >= m
+                    ? check_tensor(t->slice(1, 0, m), name, p.q.dtype, {B, m, Hc, D})
+                    : std::string(name) + ": the queries need " + std::to_string(m) +
+                          " core tokens";
+      if (why.empty()) why = check_tensor(p.dk_core, "dk_core", DType::f32, {B, m, Hc, D});
+      if (why.empty()) why = check_tensor(p.dv_core, "dv_core", DType::f32, {B, m, Hc, D});
+    }
+    check(why.empty(), "backend cuda: " + why);
+    cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+    Scratch scratch(stream);
+    AttendBwdProblem a = p;
+    for (TensorView* t : {&a.q, &a.k, &a.v, &a.dout, &a.k_core, &a.v_core})
+      *t = scratch.aligned(*t, true);
+    launch_attend_bwd(a, m, stream);
+  }
+
+  void pool_bwd(const PoolBwdProblem& p) const override {
+    const int64_t B = p.q.shape[0], T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+    const int64_t Hkv = p.k.shape[2], Hc = p.variant.core_heads(Hq, Hkv);
+    const int64_t m = p.dk_core.shape[1];
+    std::string why = unsupported_dtype_dim(p.q.dtype, D);
+    for (auto [t, name] : {std::pair{&p.q, "q"}, {&p.k, "k"}, {&p.v, "v"}})
+      if (why.empty()) why = check_view(*t, name, p.q.dtype, D);
+    if (why.empty() && m * p.variant.group > T)
+      why = std::to_string(m) + " groups of " + std::to_string(p.variant.group) +
+            " need more than T = " + std::to_string(T) + " positions";
+    if (why.empty()) why = check_tensor(p.dk_core, "dk_core", DType::f32, {B, m, Hc, D});
+    if (why.empty()) why = check_tensor(p.dv_core, "dv_core", DType::f32, {B, m, Hc, D});
+    if (why.empty()) why = check_tensor(p.dq, "dq", DType::f32, {B, T, Hq, D});
+    if (why.empty()) why = check_tensor(p.dk, "dk", DType::f32, {B, T, Hkv, D});
+    if (why.empty()) why = check_tensor(p.dv, "dv", DType::f32, {B, T, Hkv, D});
+    check(why.empty(), "backend cuda: pool_bwd: " + why);
+    launch_pool_bwd(p, static_cast<cudaStream_t>(p.stream));
   }
 
   void* alloc(int64_t bytes) const override {

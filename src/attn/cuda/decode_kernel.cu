@@ -12,6 +12,7 @@
 
 #include "attend_args.cuh"
 #include "cuda_check.hpp"
+#include "pdl.cuh"
 #include "device_utils.cuh"
 #include "kernels.hpp"
 #include "tile_config.hpp"
@@ -50,24 +51,9 @@ __device__ __forceinline__ int find_problem(const DecodeBatch<kCap>& d, int64_t 
   return i;
 }
 
-template <int D>
-__device__ __forceinline__ int dswz(int r, int c) {  // as the tile kernel: conflict-free ldmatrix
-  return r * D + ((c ^ (r & 7)) << 3);
-}
-
 template <typename X>
 __device__ __forceinline__ X sel3(int s, X x0, X x1, X x2) {  // no run-time-indexed arrays
   return s == 0 ? x0 : (s == 1 ? x1 : x2);
-}
-
-// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): wait until
-// the previous kernel in the stream has finished and its writes are visible, then let the next
-// kernel's blocks start (they wait for this whole grid in the same way).
-__device__ __forceinline__ void grid_dependency_wait_and_release() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 // Output element (batch b, query qi, head h, column c) and, at c = 0, its LSE from the merged
@@ -96,7 +82,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   __shared__ int64_t s_rng[kRows][3][2];   // per query: [lo, hi) of each segment
   __shared__ float s_ml[kWarps][kRows][2];
 
-  grid_dependency_wait_and_release();
+  pdl_wait_and_release();
   const int64_t group = int64_t(blockIdx.z) * gridDim.y + blockIdx.y;
   if (group >= d.groups) return;  // past the end in the grid's last z slice
   const DecodeProblem& pr =
@@ -136,7 +122,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
     const int r = i / kChunks, c = i % kChunks;
     const bool ok = r < R;
     const int64_t src = ok ? b * a.q_sb + (r / G) * a.q_st + (h0 + r % G) * a.q_sh + c * 8 : 0;
-    cp_async_16(smem_addr(sQ + dswz<D>(r, c)), q + src, ok);
+    cp_async_16(smem_addr(sQ + swz<D>(r, c)), q + src, ok);
   }
   cp_async_commit();
 
@@ -173,8 +159,8 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
       const int64_t pos = ok ? v + sel3(s, delta[0], delta[1], delta[2]) : 0;
       const T* kp = ok ? sel3(s, kb[0], kb[1], kb[2]) + pos * sel3(s, kst[0], kst[1], kst[2]) : q;
       const T* vp = ok ? sel3(s, vb[0], vb[1], vb[2]) + pos * sel3(s, vst[0], vst[1], vst[2]) : q;
-      cp_async_16(smem_addr(dK + dswz<D>(r, lc)), kp, ok);
-      cp_async_16(smem_addr(dV + dswz<D>(r, lc)), vp, ok);
+      cp_async_16(smem_addr(dK + swz<D>(r, lc)), kp, ok);
+      cp_async_16(smem_addr(dV + swz<D>(r, lc)), vp, ok);
     }
   };
 #pragma unroll
@@ -187,7 +173,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], smem_addr(sQ + dswz<D>(lane & 15, 2 * kk + (lane >> 4))));
+    ldmatrix_x4(qf[kk], smem_addr(sQ + swz<D>(lane & 15, 2 * kk + (lane >> 4))));
 
   // This thread's accumulator rows ra, rb = ra + 8 (rows >= R compute on zero queries and are
   // never stored; their range lookups use the last real row).
@@ -211,7 +197,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kf[4];
-      ldmatrix_x4(kf, smem_addr(cK + dswz<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
+      ldmatrix_x4(kf, smem_addr(cK + swz<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
                                              2 * kk + ((lane >> 3) & 1))));
       mma_16816<T>(sc[0], qf[kk], kf[0], kf[1]);
       mma_16816<T>(sc[1], qf[kk], kf[2], kf[3]);
@@ -244,7 +230,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t vf4[4];
       const int vr = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      ldmatrix_x4_trans(vf4, smem_addr(cV + dswz<D>(vr, 2 * dp + (lane >> 4))));
+      ldmatrix_x4_trans(vf4, smem_addr(cV + swz<D>(vr, 2 * dp + (lane >> 4))));
       mma_16816<T>(acc[2 * dp], pf, vf4[0], vf4[1]);
       mma_16816<T>(acc[2 * dp + 1], pf, vf4[2], vf4[3]);
     }
@@ -301,7 +287,7 @@ __global__ void __launch_bounds__(DecodeTile::kThreads)
 template <typename T, int D, int kCap>
 __global__ void __launch_bounds__(D)
     decode_merge_kernel(const __grid_constant__ DecodeBatch<kCap> d) {
-  grid_dependency_wait_and_release();
+  pdl_wait_and_release();
   const int64_t row = blockIdx.x;
   const DecodeProblem& pr =
       d.p[find_problem(d, row, [](const DecodeProblem& x) { return x.row0; })];
@@ -351,34 +337,6 @@ int sm_count() {
   return n;
 }
 
-// Programmatic dependent launch where the loaded binary is sm_90+ code (griddepcontrol) and
-// CCA_CUDA_PDL is not 0 (A/B runs). The next kernel's blocks may then start while this one's
-// last blocks run; every kernel here waits for its predecessor before touching memory.
-template <typename Kernel>
-bool use_pdl(Kernel kernel) {
-  cudaFuncAttributes fa;
-  CCA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-  const char* e = std::getenv("CCA_CUDA_PDL");
-  return fa.binaryVersion >= 90 && !(e && e[0] == '0');
-}
-
-// Launches `kernel` (grid, threads, dynamic shared memory) on `stream` with PDL where `pdl`.
-template <typename Kernel, typename Args>
-void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, bool pdl,
-            const Args& args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  CCA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args));
-}
-
 // One launch (and, where a problem has several slices, a merge launch) for problems [0, count),
 // count <= kCap. Slices: one wave of kBlocksPerSm blocks per SM, shared between the problems in
 // proportion to their key counts (a long sequence of a ragged batch gets more slices), none
@@ -425,17 +383,18 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
 
   constexpr int kSmem = DecodeTile::smem_bytes<D>();
   auto kernel = attend_decode_kernel<T, D, kCap>;
-  static const bool pdl = [&] {  // once per instantiation
+  static const bool smem_set = [&] {  // once per instantiation
     CCA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    return use_pdl(kernel);
+    return true;
   }();
+  (void)smem_set;
   constexpr int64_t kMaxY = 65535;
   const dim3 grid(unsigned(max_splits), unsigned(std::min(d.groups, kMaxY)),
                   unsigned((d.groups + kMaxY - 1) / kMaxY));
-  launch(kernel, grid, DecodeTile::kThreads, kSmem, stream, pdl, d);
+  pdl_launch(kernel, grid, dim3(DecodeTile::kThreads), kSmem, stream, d);
   if (ws) {
-    launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), D, 0, stream, pdl, d);
+    pdl_launch(decode_merge_kernel<T, D, kCap>, dim3(unsigned(rows)), dim3(D), 0, stream, d);
     if (!own) scratch_free(ws, stream);
   }
 }

@@ -90,6 +90,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
+// Element offset of 16-byte chunk c of row r in a [rows][D] shared tile, XOR-swizzled so that
+// ldmatrix's 8 row addresses hit 8 different bank groups (D >= 64).
+template <int D>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
+}
+
 // 16-byte global->shared copy; zero-fills when !valid (src must still be a mapped address).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),

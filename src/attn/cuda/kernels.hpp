@@ -28,7 +28,16 @@ bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream);
 void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream_t stream,
                           int force_splits = 0);
 void launch_pool(const PoolProblem& p, cudaStream_t stream);
-// dst = src for two [B, n, H, D] views of the same shape and 16-bit or 32-bit dtype.
+// Backward (attend_bwd_kernel.cu, pool_bwd_kernel.cu); views checked by the backend, 16-byte
+// aligned rows for the attention kernels. delta = rowsum(dout * out).
+void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream);
+// dk/dv (and dk_core/dv_core for the first m core tokens) by key tiles, then dq by query tiles.
+void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+void launch_pool_bwd(const PoolBwdProblem& p, cudaStream_t stream);
+// Shared memory of the pooling backward's blocks (PoolBwdTile::kMaxSmemBytes at most).
+int64_t pool_bwd_smem_bytes(int64_t D, int64_t nh, int64_t g, PoolMode mode);
+// dst = src for two [B, n, H, D] views of the same shape and 16-bit or 32-bit dtype; a float32
+// src into a 16-bit dst is rounded to nearest (attn_bwd's gradients).
 void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream_t stream);
 // dst_store rows (*pos_device - pos0) + t = src rows t: the position read on the device.
 void launch_copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,

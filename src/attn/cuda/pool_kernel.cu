@@ -4,6 +4,7 @@
 // passes over the group's keys (the second hits L1): per-head (max, sum), then the weighted sums.
 #include "backend.hpp"
 #include "cuda_check.hpp"
+#include "pdl.cuh"
 #include "device_utils.cuh"
 #include "kernels.hpp"
 #include "tile_config.hpp"
@@ -39,6 +40,7 @@ __device__ __forceinline__ float key_sum(float x) {
 // grid ceil(B * count * Hc / kWarps); dynamic smem kWarps * heads * D floats.
 template <typename T, int D>
 __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs a) {
+  pdl_wait_and_release();
   constexpr int kL = D / 8, kGroups = 32 / kL, kU = 4;
   extern __shared__ float s_q[];  // [kWarps][nh][D], query rows pre-scaled
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kg = lane / kL, e = (lane % kL) * 8;
@@ -71,8 +73,8 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
     for (int j = 0; j < 8; ++j) acc_k[j] = acc_v[j] = -INFINITY;
     for (int64_t n = kg; n < g; n += kGroups) {
       float kf[8], vf[8];
-      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(kp + n * a.k_st)), kf);
-      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(vp + n * a.v_st)), vf);
+      unpack8<T>(*reinterpret_cast<const uint4*>(kp + n * a.k_st), kf);
+      unpack8<T>(*reinterpret_cast<const uint4*>(vp + n * a.v_st), vf);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         acc_k[j] = fmaxf(acc_k[j], kf[j]);
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
 #pragma unroll
           for (int u = 0; u < kU; ++u) {
             const int64_t n = n0 + u * kGroups + kg;
-            kr[u] = n < g ? __ldg(reinterpret_cast<const uint4*>(kp + n * a.k_st))
+            kr[u] = n < g ? *reinterpret_cast<const uint4*>(kp + n * a.k_st)
                           : make_uint4(0, 0, 0, 0);
           }
 #pragma unroll
@@ -162,9 +164,9 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
         const int64_t n = n0 + u * kGroups + kg;
         const bool ok = n < g;
         kr[u] =
-            ok ? __ldg(reinterpret_cast<const uint4*>(kp + n * a.k_st)) : make_uint4(0, 0, 0, 0);
+            ok ? *reinterpret_cast<const uint4*>(kp + n * a.k_st) : make_uint4(0, 0, 0, 0);
         vr[u] =
-            ok ? __ldg(reinterpret_cast<const uint4*>(vp + n * a.v_st)) : make_uint4(0, 0, 0, 0);
+            ok ? *reinterpret_cast<const uint4*>(vp + n * a.v_st) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -267,7 +269,7 @@ void launch_pool(const PoolProblem& p, cudaStream_t stream) {
     if (smem > 48 * 1024)
       CCA_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<blocks, PoolTile::kThreads, smem, stream>>>(a);
+    pdl_launch(kernel, dim3(blocks), dim3(PoolTile::kThreads), smem, stream, a);
     CCA_CUDA_CHECK_LAUNCH("pool_kernel");
   });
 }

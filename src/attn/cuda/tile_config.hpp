@@ -46,10 +46,41 @@ struct DecodeTile {
   }
 };
 
+// Attention backward (mma.sync m16n8k16, FlashAttention-2 style, two kernels, no atomics).
+// dK/dV kernel: kKvWarps warps of 16 keys each own a key tile of kKvBlockN keys and walk the
+// query tiles that see it, kKvBlockM queries per step, Q and dO double-buffered. dQ kernel: the
+// forward's layout, kDqWarps warps of 16 query rows, kDqBlockN keys per step, K and V
+// double-buffered. At D = 128 the steps are 32 wide: with 64, both kernels spill (ptxas, sm_90a:
+// 255 registers and 60-100 bytes of spills per thread).
+template <int D>
+struct AttendBwdTile {
+  static constexpr int kKvWarps = 4;
+  static constexpr int kKvThreads = 32 * kKvWarps;
+  static constexpr int kKvBlockN = 16 * kKvWarps;
+  static constexpr int kKvBlockM = D == 128 ? 32 : 64;
+  // K, V tiles + 2 stages x (Q tile + dO tile), 16-bit elements; then per stage and query the
+  // float32 lse and delta and three int32 visibility bounds.
+  static constexpr int kKvSmemBytes =
+      (2 * kKvBlockN + 2 * 2 * kKvBlockM) * D * 2 + 2 * kKvBlockM * (2 * 4 + 3 * 4) + 16;
+  static constexpr int kDqWarps = 4;
+  static constexpr int kDqThreads = 32 * kDqWarps;
+  static constexpr int kDqBlockM = 16 * kDqWarps;
+  static constexpr int kDqBlockN = D == 128 ? 32 : 64;
+  // Q and dO tiles + 2 stages x (K tile + V tile).
+  static constexpr int kDqSmemBytes = (2 * kDqBlockM + 2 * 2 * kDqBlockN) * D * 2;
+};
+
 // Pooling: one warp per (batch, group, core head), D/8 lanes per key.
 struct PoolTile {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
+};
+
+// Pooling backward: one block per (batch, group, KV head); its shared memory grows with the
+// group size and the pooling heads (pool_bwd_smem_bytes), up to kMaxSmemBytes.
+struct PoolBwdTile {
+  static constexpr int kThreads = 128;
+  static constexpr int64_t kMaxSmemBytes = 200 * 1024;
 };
 
 // "" if the CUDA kernels handle (dtype, D), else the reason.

@@ -61,3 +61,29 @@ void destroy_graph(void* graph) noexcept {
 }
 
 }  // namespace cca::ops::cuda
+
+namespace cca::ops::cuda {
+
+void* event_create() {
+  cudaEvent_t e = nullptr;
+  CCA_CUDA_CHECK(cudaEventCreate(&e));
+  return e;
+}
+
+void event_record(void* event, void* stream) {
+  CCA_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)));
+}
+
+float event_elapsed_ms(void* start, void* stop) {
+  CCA_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(stop)));
+  float ms = 0.f;
+  CCA_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start),
+                                      static_cast<cudaEvent_t>(stop)));
+  return ms;
+}
+
+void event_destroy(void* event) noexcept {
+  if (event) cudaEventDestroy(static_cast<cudaEvent_t>(event));
+}
+
+}  // namespace cca::ops::cuda

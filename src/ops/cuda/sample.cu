@@ -5,10 +5,14 @@
 #include <cuda_runtime.h>
 
 #include "attn/cuda/cuda_check.hpp"
+#include "attn/cuda/pdl.cuh"
 #include "ops/cuda/kernels.hpp"
 #include "ops/sample_math.hpp"
 
 namespace cca::ops::cuda {
+
+using ::cca::cuda::pdl_launch;
+using ::cca::cuda::pdl_wait_and_release;
 namespace {
 
 constexpr int kThreads = 1024;
@@ -40,6 +44,7 @@ __device__ float block_max(float x, float* red) {
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, int64_t sl, int64_t V, const SampleParams* params,
                   const int32_t* counters, int32_t* out) {
+  pdl_wait_and_release();
   __shared__ float red[kThreads / 32];
   __shared__ float seg[kThreads];
   const float* row = logits + int64_t(blockIdx.x) * sl;
@@ -132,7 +137,7 @@ void launch_sample_rows(const TensorView& logits, const SampleParams* params,
                         const int32_t* counters, int32_t* out, cudaStream_t stream) {
   const int64_t m = logits.shape[0];
   check(m < (int64_t(1) << 31), "sample_rows: too many rows");
-  sample_kernel<<<unsigned(m), kThreads, 0, stream>>>(
+  pdl_launch(sample_kernel, dim3(unsigned(m)), dim3(kThreads), 0, stream, 
       static_cast<const float*>(logits.data), logits.stride[0], logits.shape[1], params, counters,
       out);
   CCA_CUDA_CHECK_LAUNCH("sample_kernel");
