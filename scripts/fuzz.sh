@@ -7,11 +7,15 @@
 # left in $BUILD_DIR/artifacts/<target>/ (commit it to tests/data/fuzz/<target>/ with the fix).
 #   FUZZ_RUNS=N       run each target for N executions instead of a time
 #   FUZZ_TARGETS="a b" only these targets (default: all)
+#   FUZZ_TIMEOUT=S    seconds of wall time one input may take before it counts as a hang
+#                     (default 10; libFuzzer measures wall time, so a run under `nice` on a busy
+#                     machine needs more: there an input can wait many seconds for a core)
 #   SKIP_TESTS=1      fuzz only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build-fuzz}
 seconds=${FUZZ_SECONDS:-20}
+timeout=${FUZZ_TIMEOUT:-10}
 
 ./scripts/setup.sh clang-14 libclang-rt-14-dev  # and clang, its sanitizer and libFuzzer runtimes
 
@@ -57,8 +61,9 @@ for t in $targets; do
   if [ -n "${FUZZ_RUNS:-}" ]; then limit=(-runs="$FUZZ_RUNS"); else limit=(-max_total_time="$seconds"); fi
   echo "== fuzz_$t ${limit[*]}"
   # New inputs go to the work corpus; the committed ones are read as seeds. Inputs up to 64 KB
-  # (the tokenizer seeds are 7-12 KB); 10 s for one input is a hang; 2 GB of memory an error.
-  "$build_dir/fuzz_$t" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+  # (the tokenizer seeds are 7-12 KB); $timeout s (10) for one input is a hang; 2 GB of memory
+  # an error.
+  "$build_dir/fuzz_$t" "${limit[@]}" -timeout="$timeout" -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="$artifacts" "$corpus" "tests/data/fuzz/$t" \
     2>"$build_dir/fuzz_$t.log" || {
     tail -n 60 "$build_dir/fuzz_$t.log"
