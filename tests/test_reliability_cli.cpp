@@ -313,6 +313,20 @@ std::vector<Row> rows() {
        },
        "tokenize --model m --text " + std::string(40, 'a') + "b", 1,
        "regex '(a+)+$' failed to match: it backtracks too much on this text"},
+      {"tokenizer.json a regex that backtracks at every position of a long text",
+       [](const fs::path& d) {
+         nlohmann::json t = nlohmann::json::parse(slurp(kModels + "llama/tokenizer.json"));
+         t["pre_tokenizer"] = {{"type", "Split"},
+                               {"pattern", {{"Regex", "(a+)+$"}}},
+                               {"behavior", "Isolated"},
+                               {"invert", false}};
+         model_with("tokenizer.json", t.dump())(d);
+         std::string text;  // each run of 20 stays under PCRE2's limit for one position
+         for (int i = 0; i < 2000; ++i) text += std::string(20, 'a') + "b";
+         spit(d / "p.txt", text);
+       },
+       "tokenize --model m --text-file p.txt", 1,
+       "regex '(a+)+$' failed to match: it backtracks too much on this text (more than"},
       {"tokenizer.json 31 Replaces that each double the text",
        [](const fs::path& d) {
          nlohmann::json t = nlohmann::json::parse(slurp(kModels + "llama/tokenizer.json"));

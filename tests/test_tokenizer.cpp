@@ -282,6 +282,38 @@ TEST(Tokenizer, SplitBehaviors) {
   EXPECT_EQ(split("Removed", true), (V{"-", "-", "-"}));
 }
 
+// PCRE2's match limit bounds one start position; the step budget bounds the whole text. Each run
+// of 20 'a' stays under PCRE2's limit, and the 2,000 runs took 12.9 s before the budget (Release).
+TEST(Tokenizer, RegexBacktrackingIsBoundedOverTheWholeText) {
+  json j = tiny();
+  j["pre_tokenizer"] = {
+      {"type", "Split"}, {"pattern", {{"Regex", "(a+)+$"}}}, {"behavior", "Isolated"}};
+  const Tokenizer tok = Tokenizer::from_json(j.dump());
+  std::string text;
+  for (int i = 0; i < 2000; ++i) text += std::string(20, 'a') + "b";
+  const std::string msg = error_of([&] { tok.encode(text); });
+  EXPECT_NE(msg.find("regex '(a+)+$' failed to match: it backtracks too much on this text (more "
+                     "than "),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("steps for a text of 42000 bytes"), std::string::npos) << msg;
+  EXPECT_NO_THROW(tok.encode(std::string(20000, 'b')));  // where it does not backtrack
+}
+
+// The budget is far above what a real split pattern takes, on texts that make it work hardest.
+TEST(Tokenizer, RegexBudgetLeavesRealPatternsAlone) {
+  const Tokenizer& tok = fixture("llama3_bl");
+  const auto repeat = [](const std::string& unit, size_t bytes) {
+    std::string s;
+    while (s.size() < bytes) s += unit;
+    return s;
+  };
+  for (const std::string& unit : {std::string(" "), std::string("   x"), std::string("'S'"),
+                                  std::string(" !"), std::string("!\n"), std::string("a1!"),
+                                  std::string("7"), std::string(100, ' ') + "x"})
+    EXPECT_NO_THROW(tok.encode(repeat(unit, 1 << 16) + "x")) << "unit '" << unit << "'";
+}
+
 TEST(Tokenizer, ErrorsNameTheProblem) {
   const auto load_error = [](const std::string& text) {
     return error_of([&] { Tokenizer::from_json(text); });

@@ -4,6 +4,9 @@
 
 #include <pcre2.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "cca/error.hpp"
 #include "model/untrusted.hpp"
 #include "tokenizer/unicode.hpp"
@@ -44,10 +47,30 @@ MatchEnv& match_env() {
   return env;
 }
 
+// The steps find_all() may still take: each callout (PCRE2_AUTO_CALLOUT puts one before every
+// item of the pattern, so one each time the matcher tries an item, backtracking included) takes
+// one; at zero the match is abandoned with PCRE2_ERROR_CALLOUT.
+struct StepBudget {
+  uint64_t left = 0;
+};
+
+int take_step(pcre2_callout_block*, void* data) {
+  auto& budget = *static_cast<StepBudget*>(data);
+  if (budget.left == 0) return PCRE2_ERROR_CALLOUT;
+  --budget.left;
+  return 0;
+}
+
+int count_item(pcre2_callout_enumerate_block*, void* data) {
+  ++*static_cast<uint64_t*>(data);
+  return 0;
+}
+
 }  // namespace
 
 struct Pattern::Compiled {
   pcre2_code* code = nullptr;
+  uint64_t items = 1;  // callout points: the items of the pattern, and its end
   ~Compiled() { pcre2_code_free(code); }
 };
 
@@ -131,13 +154,16 @@ Pattern Pattern::regex(const std::string& onig_pattern) {
   PCRE2_SIZE offset = 0;
   pcre2_code* code =
       pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(),
-                    PCRE2_UTF | PCRE2_UCP, &err, &offset, nullptr);
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_AUTO_CALLOUT, &err, &offset, nullptr);
   if (!code)
     throw Error("tokenizer: regex '" + model::excerpt(onig_pattern) +
                 "' does not compile: " + pcre2_message(err) +
                 " at offset " + std::to_string(offset));
   auto compiled = std::make_shared<Compiled>();
   compiled->code = code;
+  uint64_t items = 0;
+  pcre2_callout_enumerate(code, count_item, &items);
+  compiled->items = std::max<uint64_t>(items, 1);
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // without JIT the interpreter still works
   Pattern p;
   p.source_ = onig_pattern;
@@ -158,6 +184,9 @@ std::vector<std::pair<size_t, size_t>> Pattern::find_all(std::string_view s) con
   pcre2_match_data* md = pcre2_match_data_create(1, nullptr);
   if (!md) throw Error("tokenizer: out of memory for regex match data");
   MatchEnv& env = match_env();
+  const uint64_t max_steps = max_regex_steps(re_->items, s.size());
+  StepBudget budget{max_steps};
+  pcre2_set_callout(env.context, take_step, &budget);
   size_t pos = 0;
   size_t last_end = std::string_view::npos;
   while (pos <= s.size()) {
@@ -167,13 +196,21 @@ std::vector<std::pair<size_t, size_t>> Pattern::find_all(std::string_view s) con
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       pcre2_match_data_free(md);
-      // PCRE2's match, depth and heap limits bound the work of each call: a pattern that
-      // backtracks catastrophically fails here instead of running for hours.
-      const bool limit = rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
-                         rc == PCRE2_ERROR_HEAPLIMIT || rc == PCRE2_ERROR_JIT_STACKLIMIT;
+      pcre2_set_callout(env.context, nullptr, nullptr);
+      // PCRE2's match, depth and heap limits bound the work at each start position, the step
+      // budget that of the whole text: a pattern that backtracks catastrophically, once or at
+      // every position of a long text, fails here instead of running for hours.
+      const std::string why =
+          rc == PCRE2_ERROR_CALLOUT
+              ? "more than " + std::to_string(max_steps) + " steps for a text of " +
+                    std::to_string(s.size()) + " bytes"
+          : rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
+                  rc == PCRE2_ERROR_HEAPLIMIT || rc == PCRE2_ERROR_JIT_STACKLIMIT
+              ? pcre2_message(rc)
+              : "";
       throw Error("tokenizer: regex '" + model::excerpt(source_) + "' failed to match: " +
-                  (limit ? "it backtracks too much on this text (" + pcre2_message(rc) + ")"
-                         : pcre2_message(rc)));
+                  (why.empty() ? pcre2_message(rc)
+                               : "it backtracks too much on this text (" + why + ")"));
     }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     const size_t b = ov[0], e = ov[1];
@@ -191,6 +228,7 @@ std::vector<std::pair<size_t, size_t>> Pattern::find_all(std::string_view s) con
     }
   }
   pcre2_match_data_free(md);
+  pcre2_set_callout(env.context, nullptr, nullptr);
   return out;
 }
 

@@ -2,6 +2,7 @@
 // or an Oniguruma regex, matched with PCRE2 (UTF + UCP, JIT where available).
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -21,6 +22,15 @@ std::string onig_to_pcre2(std::string_view pattern);
 // of Replaces that each double the text would grow it exponentially.
 inline size_t max_growth(size_t n) { return 16 * n + 4096; }
 
+// How many steps (an item of the pattern tried at a position of the text, counted through PCRE2
+// callouts, backtracking included) one find_all() may take: 16 per item of the pattern per byte
+// of text, plus one byte. Far above real patterns (llama3's split pattern takes at most 0.25 per
+// item per byte, docs/reliability.md); backtracking that is exponential at one position, or
+// heavy at every position of a long text, runs into it and is refused.
+inline uint64_t max_regex_steps(uint64_t items, size_t bytes) {
+  return 16 * items * (static_cast<uint64_t>(bytes) + 1);
+}
+
 class Pattern {
  public:
   static Pattern literal(std::string text);
@@ -28,6 +38,8 @@ class Pattern {
 
   // Non-overlapping matches [begin, end) of the pattern in valid UTF-8 `s`, left to right, as
   // the tokenizers crate finds them (an empty match never directly follows the previous match).
+  // cca::Error when the matching takes more than max_regex_steps() steps or hits one of PCRE2's
+  // limits at one position: "it backtracks too much on this text".
   std::vector<std::pair<size_t, size_t>> find_all(std::string_view s) const;
 
   // `s` with every match replaced by `content`. cca::Error when the result would be longer than
