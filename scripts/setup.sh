@@ -9,6 +9,7 @@ packages=(
   googletest libgtest-dev                # tests
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
   libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
+  libhwy-dev                             # Google Highway: CPU vector code, run-time SIMD dispatch
   python3-torch python3-numpy           # the Python package (python/) and its tests
   "$@"
 )
