@@ -10,6 +10,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
   libcpp-httplib-dev                     # cca serve (HTTP)
   libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
+  libhwy-dev                             # Google Highway: CPU vector code, run-time SIMD dispatch
   python3-torch python3-numpy           # the Python package (python/) and its tests
   "$@"
 )

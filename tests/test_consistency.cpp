@@ -41,8 +41,6 @@ std::string case_name(const Case& c) {
   return name.str();
 }
 
-namespace {
-
 // The grid, in three parts.
 // 1. Short: the risky axes (variant incl. pool/pool_heads, T, dtype) crossed in full for two
 //    (g, s) settings, one with g not dividing s; T in {1, below s, not a multiple of g, several
@@ -100,6 +98,8 @@ std::vector<Case> make_grid() {
     }
   return grid;
 }
+
+namespace {
 
 // Why backend `be` does not run this case ("" if it does), asked through the backend interface
 // with the inputs where that backend wants them.
