@@ -32,7 +32,17 @@ void launch_pool(const PoolProblem& p, cudaStream_t stream);
 // aligned rows for the attention kernels. delta = rowsum(dout * out).
 void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream);
 // dk/dv (and dk_core/dv_core for the first m core tokens) by key tiles, then dq by query tiles.
+// The dK/dV part runs on Hopper's wgmma where launch_attend_bwd_dkdv_wgmma applies, else on the
+// mma.sync kernel; dq always on the mma.sync kernel.
 void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+// Hopper dK/dV (attend_bwd_wgmma.cu): launches and returns true where it applies (sm_90a device
+// code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_BWD != mma); returns
+// false, launching nothing, otherwise.
+bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+// Whether the environment forces the mma.sync backward (CCA_CUDA_BWD=mma; read at every call).
+bool attend_bwd_forced_mma();
+// Launches of the wgmma backward kernels so far in this process (tests: did the path run?).
+int64_t attend_bwd_wgmma_launches();
 void launch_pool_bwd(const PoolBwdProblem& p, cudaStream_t stream);
 // Shared memory of the pooling backward's blocks (PoolBwdTile::kMaxSmemBytes at most).
 int64_t pool_bwd_smem_bytes(int64_t D, int64_t nh, int64_t g, PoolMode mode);

@@ -1,0 +1,437 @@
+// Attention backward on Hopper (sm_90a), dK/dV: FlashAttention-3's layout on the semantics of
+// the mma.sync backward (attend_bwd_kernel.cu), which keeps the delta and dQ kernels.
+//
+// A block owns kBlockN = 128 keys of one head of the core tokens or of the raw keys (the same
+// grid and order as bwd_dkdv_kernel: core-token tiles first, then raw-key tiles, in key order)
+// and walks the query tiles that see some of its keys, 64 queries per step, for every query head
+// that reads its key head (GQA sums inside the block). 384 threads: warpgroups 0 and 1 are
+// consumers and own keys 64 wg .. 64 wg + 63 of the tile with their float32 dK and dV
+// accumulators (64 + 64 registers per thread at D = 128); warpgroup 2 is the producer: its first
+// warp streams each step's Q and dO tiles with bulk tensor copies (TMA, 128-byte swizzle, rows
+// past T zero-filled) into a kStages-deep full/empty mbarrier pipeline and writes the step's
+// per-query table (lse log2 e, delta, the visible key ranges of the tile's segment) next to them;
+// setmaxnreg moves its registers to the consumers. Per step, each consumer warpgroup runs
+//   S^T  = K Q^T    wgmma m64n64k16, K and Q from shared memory (K-major)
+//   dP^T = V dO^T   wgmma m64n64k16, V and dO from shared memory
+//   P^T  = exp2(S^T scale log2 e - lse log2 e) (masked), dS^T = P^T (dP^T - delta)  (registers)
+//   dV  += P^T dO   wgmma m64n{D}k16, P^T from registers (rounded to T), dO N-major
+//   dK  += dS^T Q   wgmma m64n{D}k16, dS^T from registers (rounded to T), Q N-major
+// and the two consumer warpgroups run independently (one's exponentials under the other's
+// products). Deterministic: every dK/dV element is summed by one thread in a fixed order.
+// Needs sm_90a device code on a 9.0 GPU, D 64/128, 16-bit inputs and tensor maps the driver
+// accepts; otherwise launch_attend_bwd_dkdv_wgmma returns false and the mma.sync kernel runs.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "attend_args.cuh"
+#include "attend_bwd_args.cuh"
+#include "cuda_check.hpp"
+#include "device_utils.cuh"
+#include "kernels.hpp"
+#include "tile_config.hpp"
+#include "wgmma.cuh"
+
+namespace cca::cuda {
+namespace {
+
+template <int D, int Stages>
+struct WgBwdTile {
+  static constexpr int kBlockN = 128;  // keys per block: 2 consumer warpgroups x 64
+  static constexpr int kBlockM = 64;   // queries per step (launch_attend_bwd_dkdv_wgmma's boxes)
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 384;   // warpgroups 0, 1 consumers, 2 producer (one warp)
+  static constexpr int kAtoms = D / 64;  // 128-byte swizzle atoms (64 elements) along D
+  static constexpr int kKvBytes = kBlockN * D * 2;   // the K tile, and the V tile
+  static constexpr int kStepBytes = kBlockM * D * 2;  // a step's Q tile, and its dO tile
+  // Per stage: lse log2 e and delta (float), below, lo, hi (int) per query, the full flag.
+  static constexpr int kTableWords = 5 * kBlockM + 4;
+  static constexpr int kSmemBytes =
+      1024 + 2 * kKvBytes + 2 * kStages * kStepBytes + kStages * kTableWords * 4;
+};
+
+struct BwdMaps {
+  CUtensorMap q, dout, k[2], v[2];  // k, v: [0] core tokens, [1] raw keys
+};
+
+#ifdef CCA_SM90A
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
+// grid (core tiles x Hc + raw tiles x Hkv, B), tiles of 128 keys.
+template <typename T, int D, int kStagesT>
+__global__ void __launch_bounds__(384, 1)
+    bwd_dkdv_wgmma_kernel(const __grid_constant__ BwdMaps maps, const __grid_constant__ BwdArgs a,
+                          int core_tiles) {
+#ifdef CCA_SM90A
+  using Tile = WgBwdTile<D, kStagesT>;
+  constexpr int kN = Tile::kBlockN, kM = Tile::kBlockM, kStages = Tile::kStages;
+  constexpr int kAtoms = Tile::kAtoms;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t bars[2 * kStages + 1];  // full[s], empty[s], kv
+  // 1024-byte aligned base: the 128-byte swizzle repeats every 8 rows of 128 bytes.
+  const uint32_t s0 = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t sK = s0;                               // [kAtoms][kN][64]
+  const uint32_t sV = sK + Tile::kKvBytes;              // [kAtoms][kN][64]
+  const uint32_t sQ = sV + Tile::kKvBytes;              // [kStages][kAtoms][kM][64]
+  const uint32_t sO = sQ + kStages * Tile::kStepBytes;  // [kStages][kAtoms][kM][64]
+  float* const tables = reinterpret_cast<float*>(smem_raw + (s0 - smem_addr(smem_raw)) +
+                                                 2 * Tile::kKvBytes +
+                                                 2 * kStages * Tile::kStepBytes);
+  // Stage s's table: [0, kM) lse log2 e, [kM, 2 kM) delta, then int32 [2 kM, 3 kM) below,
+  // [3 kM, 4 kM) lo, [4 kM, 5 kM) hi (query j sees the keys of the tile's segment in [0, below)
+  // and [lo, hi)), [5 kM] every query of the step sees every key of the tile.
+  auto table = [&](int s) { return tables + s * Tile::kTableWords; };
+  const uint32_t bar0 = smem_addr(bars);
+  auto full_bar = [&](int s) { return bar0 + 8 * s; };
+  auto empty_bar = [&](int s) { return bar0 + 8 * (kStages + s); };
+  const uint32_t kv_bar = bar0 + 8 * (2 * kStages);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.y;
+  int x = blockIdx.x;
+  const bool core = x < core_tiles * a.seg[0].heads;
+  if (!core) x -= core_tiles * a.seg[0].heads;
+  const int heads = core ? a.seg[0].heads : a.seg[2].heads;
+  const int64_t seg_rows = core ? a.seg[0].rows : a.seg[2].rows;
+  const int head = x % heads;
+  const int k0 = (x / heads) * kN, k1 = int(min_i64(k0 + kN, seg_rows));
+  const int r = a.Hq / heads, h_begin = head * r;  // the query heads that read this head
+  const int64_t n_q = a.T;
+  // The query tiles that see some key of the tile, each for the r query heads; step s is query
+  // tile s / r (of the two intervals) of query head h_begin + s % r.
+  const QueryTiles tiles = query_tiles_seeing(a.variant, n_q, kM, core, k0, k1);
+  const int nsteps = int(tiles.count()) * r;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar(s), 1 + 32);  // the copies' expect_tx, then the table's 32 writers
+      mbar_init(empty_bar(s), 2);      // one arrive per consumer warpgroup
+    }
+    mbar_init(kv_bar, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // producer warpgroup: warp 8 fills the stages
+    setmaxnreg_dec<32>();
+    if (warp == 8) {
+      const CUtensorMap* mk = core ? &maps.k[0] : &maps.k[1];
+      const CUtensorMap* mv = core ? &maps.v[0] : &maps.v[1];
+      if (lane == 0 && nsteps > 0) {
+        mbar_arrive_expect_tx(kv_bar, 2 * Tile::kKvBytes);
+#pragma unroll
+        for (int at = 0; at < kAtoms; ++at) {
+          tma_load_4d(sK + at * kN * 128, mk, kv_bar, at * 64, k0, head, b);
+          tma_load_4d(sV + at * kN * 128, mv, kv_bar, at * 64, k0, head, b);
+        }
+      }
+      for (int s = 0; s < nsteps; ++s) {
+        const int stage = s % kStages;
+        mbar_wait(empty_bar(stage), ((s / kStages) & 1) ^ 1);
+        const int h = h_begin + s % r;
+        const int t0 = int(tiles.tile(s / r) * kM);
+        if (lane == 0) {
+          mbar_arrive_expect_tx(full_bar(stage), 2 * Tile::kStepBytes);
+#pragma unroll
+          for (int at = 0; at < kAtoms; ++at) {
+            tma_load_4d(sQ + stage * Tile::kStepBytes + at * kM * 128, &maps.q, full_bar(stage),
+                        at * 64, t0, h, b);
+            tma_load_4d(sO + stage * Tile::kStepBytes + at * kM * 128, &maps.dout,
+                        full_bar(stage), at * 64, t0, h, b);
+          }
+        }
+        float* tb = table(stage);
+        int* ti = reinterpret_cast<int*>(tb + 2 * kM);
+        for (int j = lane; j < kM; j += 32) {
+          const int64_t t = t0 + j;
+          float lse2 = 0.f, delta = 0.f;
+          int below = 0, lo = 0, hi = 0;
+          if (t < n_q) {
+            lse2 = a.lse.at(b, h, t) * kLog2e;
+            delta = a.delta.at(b, h, t);
+            const Visible v = visible_keys(a.variant, t);
+            below = int(core ? v.n_core : v.sink_end);
+            lo = core ? 0 : int(v.local_begin);
+            hi = core ? 0 : int(t + 1);
+          }
+          tb[j] = lse2;
+          tb[kM + j] = delta;
+          ti[j] = below;
+          ti[kM + j] = lo;
+          ti[2 * kM + j] = hi;
+        }
+        if (lane == 0) {
+          const int valid = int(min_i64(kM, n_q - t0));
+          ti[3 * kM] =
+              valid == kM && k1 - k0 == kN && sees_all(a.variant, core, k0, k1, t0, t0 + valid - 1);
+        }
+        mbar_arrive(full_bar(stage));  // release: the table's writes are visible to the waiters
+      }
+    }
+  } else {
+    setmaxnreg_inc<240>();
+    // Consumers: warpgroup wg owns keys k0 + 64 wg .. + 63; this thread keys key_a and
+    // key_a + 8 (the m16n8 accumulator layout per warp: rows 16 w + lane / 4 and + 8, columns
+    // 8 i + 2 (lane % 4) + {0, 1}).
+    const int wg = warp >> 2;
+    const int key_a = k0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
+    const float scale_log2 = a.scale_log2;
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+    if (nsteps > 0) mbar_wait(kv_bar, 0);
+    for (int s = 0; s < nsteps; ++s) {
+      const int stage = s % kStages;
+      mbar_wait(full_bar(stage), (s / kStages) & 1);
+      const uint32_t cQ = sQ + stage * Tile::kStepBytes, cO = sO + stage * Tile::kStepBytes;
+
+      // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries, D / 16 steps of k = 16 (32 bytes
+      // inside a swizzle atom); two groups, S^T first.
+      float st[kM / 8][4], dpt[kM / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da =
+            gmma_desc_sw128(sK + (kk / 4) * kN * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t db = gmma_desc_sw128(cQ + (kk / 4) * kM * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss_n64<T>(st, da, db, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da =
+            gmma_desc_sw128(sV + (kk / 4) * kN * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t db = gmma_desc_sw128(cO + (kk / 4) * kM * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss_n64<T>(dpt, da, db, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+
+      // P^T in place while dP^T runs. Fragment nt, element e: query 8 nt + 2 (lane % 4) +
+      // (e & 1) of the step, key key_a + 8 (e >> 1).
+      const float* tb = table(stage);
+      const int* vis = reinterpret_cast<const int*>(tb + 2 * kM);
+      const bool full = vis[3 * kM] != 0;
+      wgmma_wait<1>();
+      reg_fence(st);
+      if (full) {
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt) {
+          const float2 l2 = *reinterpret_cast<const float2*>(tb + nt * 8 + 2 * (lane & 3));
+          st[nt][0] = fast_exp2(fmaf(st[nt][0], scale_log2, -l2.x));
+          st[nt][1] = fast_exp2(fmaf(st[nt][1], scale_log2, -l2.y));
+          st[nt][2] = fast_exp2(fmaf(st[nt][2], scale_log2, -l2.x));
+          st[nt][3] = fast_exp2(fmaf(st[nt][3], scale_log2, -l2.y));
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = nt * 8 + 2 * (lane & 3) + (e & 1), key = key_a + 8 * (e >> 1);
+            const bool sees =
+                key < vis[j] || (key >= vis[kM + j] && key < vis[2 * kM + j]);
+            st[nt][e] = sees ? fast_exp2(fmaf(st[nt][e], scale_log2, -tb[j])) : 0.f;
+          }
+      }
+      // dS^T = P^T (dP^T - delta); both re-packed as A fragments (two query octets each).
+      uint32_t pf[kM / 16][4], sf[kM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        pf[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+        pf[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+        pf[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        pf[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      }
+      wgmma_wait<0>();
+      reg_fence(dpt);
+#pragma unroll
+      for (int nt = 0; nt < kM / 8; ++nt) {
+        const float2 dl = *reinterpret_cast<const float2*>(tb + kM + nt * 8 + 2 * (lane & 3));
+        dpt[nt][0] = st[nt][0] * (dpt[nt][0] - dl.x);
+        dpt[nt][1] = st[nt][1] * (dpt[nt][1] - dl.y);
+        dpt[nt][2] = st[nt][2] * (dpt[nt][2] - dl.x);
+        dpt[nt][3] = st[nt][3] * (dpt[nt][3] - dl.y);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        sf[kk][0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        sf[kk][1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        sf[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        sf[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      }
+
+      // dV += P^T dO and dK += dS^T Q: k = 16 queries per step (2048 bytes of rows), N = D
+      // over D / 64 atoms (LBO = one atom's kM rows).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        const uint64_t db = gmma_desc_sw128(cO + kk * 16 * 128, kM * 128, 1024);
+        if constexpr (D == 128)
+          wgmma_rs_n128_tn<T>(dv, pf[kk], db);
+        else
+          wgmma_rs_n64_tn<T>(dv, pf[kk], db);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        const uint64_t db = gmma_desc_sw128(cQ + kk * 16 * 128, kM * 128, 1024);
+        if constexpr (D == 128)
+          wgmma_rs_n128_tn<T>(dk, sf[kk], db);
+        else
+          wgmma_rs_n64_tn<T>(dk, sf[kk], db);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(dv);
+      reg_fence(dk);
+      reg_fence(pf);  // the A fragments stay put until the products have read them
+      reg_fence(sf);
+      if ((tid & 127) == 0) mbar_arrive(empty_bar(stage));
+    }
+
+    // Every key row of the tile is written, zeros where no query sees it.
+    float* const dk_p = core ? a.dk_core.p : a.dk.p;
+    float* const dv_p = core ? a.dv_core.p : a.dv.p;
+    const int64_t dk_sb = core ? a.dk_core.sb : a.dk.sb, dk_st = core ? a.dk_core.st : a.dk.st,
+                  dk_sh = core ? a.dk_core.sh : a.dk.sh;
+    const int64_t dv_sb = core ? a.dv_core.sb : a.dv.sb, dv_st = core ? a.dv_core.st : a.dv.st,
+                  dv_sh = core ? a.dv_core.sh : a.dv.sh;
+    const int col = 2 * (lane & 3);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = key_a + 8 * half;
+      if (key >= k1) continue;
+      float* gk = dk_p + b * dk_sb + int64_t(key) * dk_st + head * dk_sh;
+      float* gv = dv_p + b * dv_sb + int64_t(key) * dv_st + head * dv_sh;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        gk[dt * 8 + col] = a.scale * dk[dt][2 * half];
+        gk[dt * 8 + col + 1] = a.scale * dk[dt][2 * half + 1];
+        gv[dt * 8 + col] = dv[dt][2 * half];
+        gv[dt * 8 + col + 1] = dv[dt][2 * half + 1];
+      }
+    }
+  }  // consumers
+#else
+  __trap();  // never launched: the host checks for sm_90a device code first
+#endif
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// Tensor map of a [B, rows, H, D] view, boxes of 64 x box_rows with the 128-byte swizzle (as
+// attend_wgmma.cu's).
+bool encode_map(CUtensorMap& m, const TensorView& t, int box_rows) {
+  auto fn = encode_fn();
+  if (!fn || !t.data) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(t.shape[3]), cuuint64_t(t.shape[1]),
+                              cuuint64_t(t.shape[2]), cuuint64_t(t.shape[0])};
+  cuuint64_t strides[3];
+  for (int i = 0; i < 3; ++i) {
+    const int vd = i == 0 ? 1 : (i == 1 ? 2 : 0);  // dims[i + 1] is view dim 1, 2, 0
+    const int64_t st = t.shape[vd] == 1 ? 16 / 2 : t.stride[vd];  // size 1: never stepped
+    if (st <= 0) return false;
+    strides[i] = cuuint64_t(st) * 2;
+    if (strides[i] % 16 != 0) return false;
+  }
+  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt = t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return fn(&m, dt, 4, t.data, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+std::atomic<int64_t> g_wgmma_launches{0};
+
+template <typename T, int D, int kStages>
+bool launch_dkdv(const BwdMaps& maps, const BwdArgs& args, int64_t m, int64_t Hc, int64_t Hkv,
+                 cudaStream_t stream) {
+  using Tile = WgBwdTile<D, kStages>;
+  static_assert(Tile::kAtoms * 64 == D && Tile::kSmemBytes + 8 * (2 * kStages + 1) <= 227 * 1024,
+                "the pipeline must fit the 227 KB of shared memory a block can have");
+  auto kernel = bwd_dkdv_wgmma_kernel<T, D, kStages>;
+  // Only where the loaded image is sm_90a code (binaryVersion 90) on a 9.0 device.
+  static const bool usable = [&] {
+    int dev = 0, major = 0, minor = 0;
+    cudaFuncAttributes fa{};
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    if (major != 9 || minor != 0 || fa.binaryVersion != 90) return false;
+    CCA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Tile::kSmemBytes));
+    return true;
+  }();
+  if (!usable) return false;
+  const int64_t core_tiles = (m + Tile::kBlockN - 1) / Tile::kBlockN;
+  const int64_t raw_tiles = (args.T + Tile::kBlockN - 1) / Tile::kBlockN;
+  const dim3 grid(unsigned(core_tiles * Hc + raw_tiles * Hkv), unsigned(args.B));
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(maps, args, int(core_tiles));
+  CCA_CUDA_CHECK_LAUNCH("bwd_dkdv_wgmma_kernel");
+  g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace
+
+bool attend_bwd_forced_mma() {
+  const char* e = std::getenv("CCA_CUDA_BWD");
+  return e && std::strcmp(e, "mma") == 0;
+}
+
+int64_t attend_bwd_wgmma_launches() { return g_wgmma_launches.load(std::memory_order_relaxed); }
+
+bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream) {
+  if (attend_bwd_forced_mma()) return false;
+  const int64_t D = p.q.shape[3];
+  if (D != 64 && D != 128) return false;
+  if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return false;
+  if (p.q.shape[1] >= (int64_t(1) << 30)) return false;  // TMA coordinates and int keys
+  const BwdArgs args = make_bwd_args(p, m);
+  BwdMaps maps;
+  std::memset(&maps, 0, sizeof(maps));
+  constexpr int kM = 64, kN = 128;  // WgBwdTile's kBlockM, kBlockN (the boxes of the copies)
+  if (!encode_map(maps.q, p.q, kM) || !encode_map(maps.dout, p.dout, kM)) return false;
+  if (!encode_map(maps.k[1], p.k, kN) || !encode_map(maps.v[1], p.v, kN)) return false;
+  if (m > 0 && (!encode_map(maps.k[0], p.k_core.slice(1, 0, m), kN) ||
+                !encode_map(maps.v[0], p.v_core.slice(1, 0, m), kN)))
+    return false;
+  const int64_t Hkv = p.k.shape[2], Hc = m > 0 ? p.k_core.shape[2] : 0;
+  bool launched = false;
+  dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {
+    using T = typename decltype(type_tag)::type;
+    constexpr int kD = decltype(dim_tag)::value;
+    launched = launch_dkdv<T, kD, kD == 128 ? 3 : 4>(maps, args, m, Hc, Hkv, stream);
+  });
+  return launched;
+}
+
+}  // namespace cca::cuda
