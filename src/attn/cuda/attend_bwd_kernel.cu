@@ -416,8 +416,10 @@ void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream) {
 void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream) {
   const BwdArgs a = make_bwd_args(p, m);
   const int64_t Hkv = p.k.shape[2], Hc = m > 0 ? p.k_core.shape[2] : 0;
-  // dK/dV on Hopper's wgmma where it applies (attend_bwd_wgmma.cu; CCA_CUDA_BWD=mma: never).
+  // dK/dV and dQ on Hopper's wgmma where they apply (attend_bwd_wgmma.cu; CCA_CUDA_BWD=mma:
+  // never), else on the kernels below.
   const bool wgmma_dkdv = launch_attend_bwd_dkdv_wgmma(p, m, stream);
+  const bool wgmma_dq = launch_attend_bwd_dq_wgmma(p, m, stream);
   dispatch_dtype_dim(p.q.dtype, p.q.shape[3], [&](auto type_tag, auto dim_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int D = decltype(dim_tag)::value;
@@ -439,8 +441,10 @@ void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream
     }
     const dim3 q_grid(unsigned((a.T + Tile::kDqBlockM - 1) / Tile::kDqBlockM), unsigned(a.Hq),
                       unsigned(a.B));
-    dq<<<q_grid, Tile::kDqThreads, Tile::kDqSmemBytes, stream>>>(a);
-    CCA_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+    if (!wgmma_dq) {
+      dq<<<q_grid, Tile::kDqThreads, Tile::kDqSmemBytes, stream>>>(a);
+      CCA_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+    }
   });
 }
 

@@ -32,13 +32,14 @@ void launch_pool(const PoolProblem& p, cudaStream_t stream);
 // aligned rows for the attention kernels. delta = rowsum(dout * out).
 void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream);
 // dk/dv (and dk_core/dv_core for the first m core tokens) by key tiles, then dq by query tiles.
-// The dK/dV part runs on Hopper's wgmma where launch_attend_bwd_dkdv_wgmma applies, else on the
-// mma.sync kernel; dq always on the mma.sync kernel.
+// Each of dK/dV and dQ runs on Hopper's wgmma where its launch_attend_bwd_*_wgmma applies, else
+// on the mma.sync kernels of attend_bwd_kernel.cu.
 void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
-// Hopper dK/dV (attend_bwd_wgmma.cu): launches and returns true where it applies (sm_90a device
-// code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_BWD != mma); returns
-// false, launching nothing, otherwise.
+// Hopper dK/dV and dQ (attend_bwd_wgmma.cu): launch and return true where they apply (sm_90a
+// device code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_BWD != mma);
+// return false, launching nothing, otherwise.
 bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+bool launch_attend_bwd_dq_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
 // Whether the environment forces the mma.sync backward (CCA_CUDA_BWD=mma; read at every call).
 bool attend_bwd_forced_mma();
 // Launches of the wgmma backward kernels so far in this process (tests: did the path run?).
