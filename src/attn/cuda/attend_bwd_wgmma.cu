@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warp >= 8) {  // producer warpgroup: one thread issues the copies
     setmaxnreg_dec<24>();
-    if (warp == 8 && lane == 0) {
+    if (warp == 8 && lane == 0 && nbt > 0) {  // (every query sees itself: nbt >= 1)
       mbar_arrive_expect_tx(q_bar, 2 * Tile::kRowsBytes);
 #pragma unroll
       for (int at = 0; at < kAtoms; ++at) {
