@@ -124,8 +124,10 @@ __global__ void __launch_bounds__(384, 1)
   }
   __syncthreads();
 
+  // Registers: the block holds 3 x 168 per thread-slot; setmaxnreg moves them, it cannot add
+  // any (40 + 2 x 232 = 504 = 3 x 168, CUTLASS's split; the producer computes the tables).
   if (warp >= 8) {  // producer warpgroup: warp 8 fills the stages
-    setmaxnreg_dec<32>();
+    setmaxnreg_dec<40>();
     if (warp == 8) {
       const CUtensorMap* mk = core ? &maps.k[0] : &maps.k[1];
       const CUtensorMap* mv = core ? &maps.v[0] : &maps.v[1];
@@ -181,7 +183,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   } else {
-    setmaxnreg_inc<240>();
+    setmaxnreg_inc<232>();
     // Consumers: warpgroup wg owns keys k0 + 64 wg .. + 63; this thread keys key_a and
     // key_a + 8 (the m16n8 accumulator layout per warp: rows 16 w + lane / 4 and + 8, columns
     // 8 i + 2 (lane % 4) + {0, 1}).
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
 
   if (warp >= 8) {  // producer warpgroup: one thread issues the copies
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<24>();  // 24 + 2 x 240 = 504 = 3 x 168, as the forward
     if (warp == 8 && lane == 0 && nbt > 0) {  // (every query sees itself: nbt >= 1)
       mbar_arrive_expect_tx(q_bar, 2 * Tile::kRowsBytes);
 #pragma unroll
