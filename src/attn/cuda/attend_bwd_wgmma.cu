@@ -18,8 +18,8 @@
 //   P^T  = exp2(S^T scale log2 e - lse log2 e) (masked), dS^T = P^T (dP^T - delta)  (registers)
 //   dV  += P^T dO   wgmma m64n{D}k16, P^T from registers (rounded to T), dO N-major
 //   dK  += dS^T Q   wgmma m64n{D}k16, dS^T from registers (rounded to T), Q N-major
-// The two consumer warpgroups run independently (one's exponentials under the other's
-// products).
+// with dV issued before dS^T is computed (it runs under that arithmetic); the two consumer
+// warpgroups run independently (one's exponentials under the other's products).
 // dQ: see bwd_dq_wgmma_kernel (the forward's layout plus dP = dO V^T and dQ += dS K).
 // Each needs sm_90a device code on a 9.0 GPU, D 64/128, 16-bit inputs and tensor maps the
 // driver accepts; otherwise its launcher returns false and the mma.sync kernel runs.
@@ -125,9 +125,10 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
 
   // Registers: the block holds 3 x 168 per thread-slot; setmaxnreg moves them, it cannot add
-  // any (40 + 2 x 232 = 504 = 3 x 168, CUTLASS's split; the producer computes the tables).
+  // any: 24 + 2 x 240 = 504 = 3 x 168 (ptxas, sm_90a: no spills; at 40/232 the consumers spill
+  // and their wgmma are serialised).
   if (warp >= 8) {  // producer warpgroup: warp 8 fills the stages
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<24>();
     if (warp == 8) {
       const CUtensorMap* mk = core ? &maps.k[0] : &maps.k[1];
       const CUtensorMap* mv = core ? &maps.v[0] : &maps.v[1];
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   } else {
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<240>();
     // Consumers: warpgroup wg owns keys k0 + 64 wg .. + 63; this thread keys key_a and
     // key_a + 8 (the m16n8 accumulator layout per warp: rows 16 w + lane / 4 and + 8, columns
     // 8 i + 2 (lane % 4) + {0, 1}).
@@ -250,7 +251,9 @@ __global__ void __launch_bounds__(384, 1)
             st[nt][e] = sees ? fast_exp2(fmaf(st[nt][e], scale_log2, -tb[j])) : 0.f;
           }
       }
-      // dS^T = P^T (dP^T - delta); both re-packed as A fragments (two query octets each).
+      // P^T re-packed as A fragments (two query octets each); dV += P^T dO is issued at once
+      // and runs while dS^T is computed. k = 16 queries per product (2048 bytes of dO rows),
+      // N = D over D / 64 atoms (LBO = one atom's kM rows).
       uint32_t pf[kM / 16][4], sf[kM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kM / 16; ++kk) {
@@ -259,7 +262,18 @@ __global__ void __launch_bounds__(384, 1)
         pf[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
         pf[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
       }
-      wgmma_wait<0>();
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        const uint64_t db = gmma_desc_sw128(cO + kk * 16 * 128, kM * 128, 1024);
+        if constexpr (D == 128)
+          wgmma_rs_n128_tn<T>(dv, pf[kk], db);
+        else
+          wgmma_rs_n64_tn<T>(dv, pf[kk], db);
+      }
+      wgmma_commit();
+      // dS^T = P^T (dP^T - delta) once dP^T is done (groups complete in order: dP^T, then dV).
+      wgmma_wait<1>();
       reg_fence(dpt);
 #pragma unroll
       for (int nt = 0; nt < kM / 8; ++nt) {
@@ -276,18 +290,8 @@ __global__ void __launch_bounds__(384, 1)
         sf[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
         sf[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
-
-      // dV += P^T dO and dK += dS^T Q: k = 16 queries per step (2048 bytes of rows), N = D
-      // over D / 64 atoms (LBO = one atom's kM rows).
+      // dK += dS^T Q (Q N-major, as dO above).
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kM / 16; ++kk) {
-        const uint64_t db = gmma_desc_sw128(cO + kk * 16 * 128, kM * 128, 1024);
-        if constexpr (D == 128)
-          wgmma_rs_n128_tn<T>(dv, pf[kk], db);
-        else
-          wgmma_rs_n64_tn<T>(dv, pf[kk], db);
-      }
 #pragma unroll
       for (int kk = 0; kk < kM / 16; ++kk) {
         const uint64_t db = gmma_desc_sw128(cQ + kk * 16 * 128, kM * 128, 1024);
