@@ -273,7 +273,8 @@ TEST(CudaBwd, WgmmaAgreesWithMma) {
       expect_close(got->view, want->view, cap.max_abs * scale, cap.rel_l2, name);
     }
   }
-  if (!ran) GTEST_SKIP() << "the wgmma backward does not apply here (needs sm_90a code on a 9.0 GPU)";
+  if (!ran)
+    GTEST_SKIP() << "the wgmma backward does not apply here (needs sm_90a code on a 9.0 GPU)";
 }
 #endif  // CCA_WITH_CUDA
 

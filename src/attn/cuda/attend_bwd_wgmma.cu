@@ -662,7 +662,7 @@ bool launch_dkdv(const BwdMaps& maps, const BwdArgs& args, int64_t m, int64_t Hc
 // CCA_CUDA_BWD: "mma" the mma.sync kernels for both, "dkdv" wgmma for dK/dV only, "dq" wgmma
 // for dQ only (A/B timing, bisecting); unset or anything else: wgmma for both where it applies.
 // Read at every call (tests switch it).
-int bwd_env() {  // 0 both, 1 mma, 2 dkdv only, 3 dq only
+static int bwd_env() {  // 0 both, 1 mma, 2 dkdv only, 3 dq only
   const char* e = std::getenv("CCA_CUDA_BWD");
   if (!e) return 0;
   if (std::strcmp(e, "mma") == 0) return 1;
@@ -700,10 +700,6 @@ bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStre
   });
   return launched;
 }
-
-}  // namespace cca::cuda
-
-namespace cca::cuda {
 
 bool launch_attend_bwd_dq_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream) {
   const int env = bwd_env();
