@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(384, 1)
   const int k0 = (x / heads) * kN, k1 = int(min_i64(k0 + kN, seg_rows));
   const int r = a.Hq / heads, h_begin = head * r;  // the query heads that read this head
   const int64_t n_q = a.T;
-  // The query tiles that see some key of the tile, each for the r query heads; step s is query
-  // tile s / r (of the two intervals) of query head h_begin + s % r.
+  // The query tiles that see some key of the tile, each for the r query heads; step s takes
+  // sr = nsteps - 1 - s: query tile sr / r (of the two intervals) of query head h_begin + sr % r.
   const QueryTiles tiles = query_tiles_seeing(a.variant, n_q, kM, core, k0, k1);
   const int nsteps = int(tiles.count()) * r;
 
@@ -143,8 +143,12 @@ __global__ void __launch_bounds__(384, 1)
       for (int s = 0; s < nsteps; ++s) {
         const int stage = s % kStages;
         mbar_wait(empty_bar(stage), ((s / kStages) & 1) ^ 1);
-        const int h = h_begin + s % r;
-        const int t0 = int(tiles.tile(s / r) * kM);
+        // Latest query tiles first: the core-token tiles of a head that run together (the grid
+        // interleaves heads) then start at the same query tile and read each Q/dO tile at about
+        // the same time, from L2; walking forward, each starts 32 query tiles past the previous.
+        const int sr = nsteps - 1 - s;
+        const int h = h_begin + sr % r;
+        const int t0 = int(tiles.tile(sr / r) * kM);
         if (lane == 0) {
           mbar_arrive_expect_tx(full_bar(stage), 2 * Tile::kStepBytes);
 #pragma unroll
