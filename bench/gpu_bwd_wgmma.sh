@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Hopper wgmma backward (src/attn/cuda/attend_bwd_wgmma.cu) on a GPU machine, from prebuilt
 # binaries: the backward GPU tests (the wgmma path by default, then the mma.sync path again
-# under CCA_CUDA_BWD=mma); CudaBwd.WgmmaAgreesWithMma with only one of the two wgmma kernels on
-# (CCA_CUDA_BWD=dkdv, =dq), to bisect a failure; compute-sanitizer memcheck and racecheck on
+# under CCA_CUDA_BWD=mma); CudaBwd.WgmmaAgreesWithMma and MatchesRef with only one of the two
+# wgmma kernels on (CCA_CUDA_BWD=dkdv, =dq) and with the dQ kernel's overlap off
+# (CCA_CUDA_BWD_OVERLAP=0), to bisect a failure; compute-sanitizer memcheck and racecheck on
 # small backward cases; then `cca bench attention --backend cuda --bwd` with CCA_CUDA_BWD unset
 # (wgmma dK/dV and dQ) and =mma (the mma.sync kernels), alternating per length, printed last
 # as one table. Logs and JSON go to $OUT (default out/gpu_bwd_wgmma).
@@ -58,13 +59,20 @@ if has test; then
 fi
 
 if has bisect; then
-  for mode in dkdv dq; do
-    echo "== CudaBwd.WgmmaAgreesWithMma with only $mode on wgmma (CCA_CUDA_BWD=$mode)"
-    CCA_CUDA_BWD=$mode timeout 300 "$BUILD/cca_tests" \
+  for mode in dkdv dq nooverlap; do
+    if [ $mode = nooverlap ]; then
+      echo "== the same with the dQ kernel's overlap off (CCA_CUDA_BWD_OVERLAP=0)"
+      export CCA_CUDA_BWD_OVERLAP=0
+    else
+      echo "== CudaBwd.WgmmaAgreesWithMma, MatchesRef with only $mode on wgmma (CCA_CUDA_BWD=$mode)"
+      export CCA_CUDA_BWD=$mode
+    fi
+    timeout 300 "$BUILD/cca_tests" \
       --gtest_filter='CudaBwd.WgmmaAgreesWithMma:Gpu/CudaBwd.MatchesRef/*' \
       >"$OUT/bisect_$mode.log" 2>&1
     echo "bisect ($mode) exit $?"
     summary_tests "$OUT/bisect_$mode.log"
+    unset CCA_CUDA_BWD CCA_CUDA_BWD_OVERLAP
   done
 fi
 

@@ -365,7 +365,7 @@ struct DqMaps {
 };
 
 // q [B, T, Hq, D]; grid (ceil(T / 128), Hq, B), the latest query tiles first.
-template <typename T, int D, int kStagesT>
+template <typename T, int D, int kStagesT, bool kOverlap>
 __global__ void __launch_bounds__(384, 1)
     bwd_dq_wgmma_kernel(const __grid_constant__ DqMaps maps, const __grid_constant__ BwdArgs a) {
 #ifdef CCA_SM90A
@@ -457,12 +457,13 @@ __global__ void __launch_bounds__(384, 1)
     float acc[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    if (nbt > 0) mbar_wait(q_bar, 0);
-    for (int i = 0; i < nbt; ++i) {
+    float sc[kN / 8][4], dp[kN / 8][4];
+    uint32_t sf[kN / 16][4];
+    // S = Q K^T and dP = dO V^T of block i (two groups, S first), once its stage is full.
+    auto issue_sdp = [&](int i) {
       const int stage = i % kStages;
       mbar_wait(full_bar(stage), (i / kStages) & 1);
       const uint32_t cK = sK + stage * Tile::kKvBytes, cV = sV + stage * Tile::kKvBytes;
-      float sc[kN / 8][4], dp[kN / 8][4];
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -486,26 +487,23 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_ss_n64<T>(dp, da, db, kk > 0 ? 1 : 0);
       }
       wgmma_commit();
-
-      // P in place while dP runs: scaled logits (log2 domain), -inf where masked, exponentials.
-      wgmma_wait<1>();
-      reg_fence(sc);
+    };
+    // P of block i in sc: scaled logits (log2 domain), -inf where masked, exponentials.
+    auto probs = [&](int i) {
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
-      {
-        const int s = i < nb[0] ? 0 : (i < nb01 ? 1 : 2);
-        const int j = i - (s == 0 ? 0 : (s == 1 ? nb[0] : nb01));
-        const int64_t p0 = (s == 0 ? lo[0] : (s == 1 ? lo[1] : lo[2])) + int64_t(j) * kN;
-        const int64_t f_lo = s == 0 ? full_lo[0] : (s == 1 ? full_lo[1] : full_lo[2]);
-        const int64_t f_hi = s == 0 ? full_hi[0] : (s == 1 ? full_hi[1] : full_hi[2]);
-        if (!(p0 >= f_lo && p0 + kN <= f_hi)) {  // some row of the tile misses some key
-          int64_t a_lo, a_hi, b_lo, b_hi;
-          seg_range(visible_keys(a.variant, ta), s, a_lo, a_hi);
-          seg_range(visible_keys(a.variant, tb), s, b_lo, b_hi);
-          mask_rows(sc, p0, lane, a_lo, a_hi, b_lo, b_hi);
-        }
+      const int s = i < nb[0] ? 0 : (i < nb01 ? 1 : 2);
+      const int j = i - (s == 0 ? 0 : (s == 1 ? nb[0] : nb01));
+      const int64_t p0 = (s == 0 ? lo[0] : (s == 1 ? lo[1] : lo[2])) + int64_t(j) * kN;
+      const int64_t f_lo = s == 0 ? full_lo[0] : (s == 1 ? full_lo[1] : full_lo[2]);
+      const int64_t f_hi = s == 0 ? full_hi[0] : (s == 1 ? full_hi[1] : full_hi[2]);
+      if (!(p0 >= f_lo && p0 + kN <= f_hi)) {  // some row of the tile misses some key
+        int64_t a_lo, a_hi, b_lo, b_hi;
+        seg_range(visible_keys(a.variant, ta), s, a_lo, a_hi);
+        seg_range(visible_keys(a.variant, tb), s, b_lo, b_hi);
+        mask_rows(sc, p0, lane, a_lo, a_hi, b_lo, b_hi);
       }
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
@@ -514,10 +512,9 @@ __global__ void __launch_bounds__(384, 1)
         sc[nt][2] = fast_exp2(sc[nt][2] - lse2_b);
         sc[nt][3] = fast_exp2(sc[nt][3] - lse2_b);
       }
-      // dS = P (dP - delta), re-packed as A fragments (two key octets each).
-      wgmma_wait<0>();
-      reg_fence(dp);
-      uint32_t sf[kN / 16][4];
+    };
+    // dS = P (dP - delta), re-packed as A fragments (two key octets each).
+    auto pack_ds = [&]() {
 #pragma unroll
       for (int kk = 0; kk < kN / 16; ++kk) {
         sf[kk][0] = pack2<T>(sc[2 * kk][0] * (dp[2 * kk][0] - delta_a),
@@ -529,7 +526,11 @@ __global__ void __launch_bounds__(384, 1)
         sf[kk][3] = pack2<T>(sc[2 * kk + 1][2] * (dp[2 * kk + 1][2] - delta_b),
                              sc[2 * kk + 1][3] * (dp[2 * kk + 1][3] - delta_b));
       }
-      // dQ += dS K: k = 16 keys per step (2048 bytes of K rows), N = D over D / 64 atoms.
+    };
+    // dQ += dS K of block i: k = 16 keys per product (2048 bytes of K rows), N = D over D / 64
+    // atoms (LBO = one atom's kN rows); one group.
+    auto issue_dq = [&](int i) {
+      const uint32_t cK = sK + (i % kStages) * Tile::kKvBytes;
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kN / 16; ++kk) {
@@ -540,10 +541,58 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_rs_n64_tn<T>(acc, sf[kk], db);
       }
       wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(acc);
-      reg_fence(sf);
-      if ((tid & 127) == 0) mbar_arrive(empty_bar(stage));
+    };
+    auto release = [&](int i) {
+      if ((tid & 127) == 0) mbar_arrive(empty_bar(i % kStages));
+    };
+
+    if (nbt > 0) mbar_wait(q_bar, 0);
+    if constexpr (kOverlap) {
+      // Block i's S and dP are issued right behind block i - 1's dQ, so the tensor cores run
+      // the three back to back while this warpgroup waits. Block 0 is peeled so that every
+      // wait sees the same groups in flight on every path (dQ(i - 1) at the loop's top).
+      if (nbt > 0) {
+        issue_sdp(0);
+        wgmma_wait<1>();  // S(0)
+        reg_fence(sc);
+        probs(0);
+        wgmma_wait<0>();  // dP(0)
+        reg_fence(dp);
+        pack_ds();
+        issue_dq(0);
+        for (int i = 1; i < nbt; ++i) {
+          issue_sdp(i);     // sc and dp are consumed (dS(i - 1) is in sf)
+          wgmma_wait<1>();  // dQ(i - 1) and S(i); dP(i) may still run
+          reg_fence(sc);
+          reg_fence(acc);
+          reg_fence(sf);  // dQ(i - 1) has read its dS: sf may be rewritten
+          release(i - 1);
+          probs(i);
+          wgmma_wait<0>();  // dP(i)
+          reg_fence(dp);
+          pack_ds();
+          issue_dq(i);
+        }
+        wgmma_wait<0>();
+        reg_fence(acc);
+        reg_fence(sf);
+        release(nbt - 1);
+      }
+    } else {
+      for (int i = 0; i < nbt; ++i) {
+        issue_sdp(i);
+        wgmma_wait<1>();  // S(i); P runs under dP(i)
+        reg_fence(sc);
+        probs(i);
+        wgmma_wait<0>();
+        reg_fence(dp);
+        pack_ds();
+        issue_dq(i);
+        wgmma_wait<0>();
+        reg_fence(acc);
+        reg_fence(sf);
+        release(i);
+      }
     }
 
     const int col = 2 * (lane & 3);
@@ -627,12 +676,12 @@ bool usable_on_sm90a(K kernel, int smem) {
   return true;
 }
 
-template <typename T, int D, int kStages>
+template <typename T, int D, int kStages, bool kOverlap>
 bool launch_dq(const DqMaps& maps, const BwdArgs& args, cudaStream_t stream) {
   using Tile = WgDqTile<D, kStages>;
   static_assert(Tile::kAtoms * 64 == D && Tile::kSmemBytes + 8 * (2 * kStages + 1) <= 227 * 1024,
                 "the pipeline must fit the 227 KB of shared memory a block can have");
-  auto kernel = bwd_dq_wgmma_kernel<T, D, kStages>;
+  auto kernel = bwd_dq_wgmma_kernel<T, D, kStages, kOverlap>;
   static const bool usable = usable_on_sm90a(kernel, Tile::kSmemBytes);
   if (!usable) return false;
   const dim3 grid(unsigned((args.T + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(args.Hq),
@@ -673,6 +722,13 @@ static int bwd_env() {  // 0 both, 1 mma, 2 dkdv only, 3 dq only
   if (std::strcmp(e, "dkdv") == 0) return 2;
   if (std::strcmp(e, "dq") == 0) return 3;
   return 0;
+}
+
+// CCA_CUDA_BWD_OVERLAP=0: the dQ kernel waits for each block's dQ product before issuing the
+// next block's S and dP (A/B timing, and a fallback should the overlapped loop misbehave).
+static bool overlap_on() {
+  const char* e = std::getenv("CCA_CUDA_BWD_OVERLAP");
+  return !(e && std::strcmp(e, "0") == 0);
 }
 
 bool attend_bwd_forced_mma() { return bwd_env() == 1; }
@@ -725,7 +781,10 @@ bool launch_attend_bwd_dq_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream
   dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int kD = decltype(dim_tag)::value;
-    launched = launch_dq<T, kD, 4>(maps, args, stream);
+    if (overlap_on())
+      launched = launch_dq<T, kD, 4, true>(maps, args, stream);
+    else
+      launched = launch_dq<T, kD, 4, false>(maps, args, stream);
   });
   return launched;
 }
