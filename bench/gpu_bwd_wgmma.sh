@@ -5,8 +5,8 @@
 # wgmma kernels on (CCA_CUDA_BWD=dkdv, =dq) and with the dQ kernel's overlap off
 # (CCA_CUDA_BWD_OVERLAP=0), to bisect a failure; compute-sanitizer memcheck and racecheck on
 # small backward cases; then `cca bench attention --backend cuda --bwd` with CCA_CUDA_BWD unset
-# (wgmma dK/dV and dQ) and =mma (the mma.sync kernels), alternating per length, printed last
-# as one table. Logs and JSON go to $OUT (default out/gpu_bwd_wgmma).
+# (wgmma dK/dV and dQ) and =mma (the mma.sync kernels), alternating per length, and
+# cca_cuda_bench --bwd (the kernels alone) where built, printed last as tables. Logs and JSON go to $OUT (default out/gpu_bwd_wgmma).
 #   BUILD_DIR (default build-gpu): where cca and cca_tests are. DO_BUILD=1 configures and builds
 #   them there first (CCA_CUDA_ARCHS=90a). STAGES="test bisect sanitize bench" (default);
 #   T_LIST (default 8192,32768,131072), HEADS (default "32:32"; e.g. "32:32 32:8"), REPS
@@ -33,7 +33,7 @@ if [ "${DO_BUILD:-0}" = 1 ]; then
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCCA_CUDA=ON \
     -DCCA_CUDA_ARCHS=${CCA_CUDA_ARCHS:-90a} >"$OUT/configure.log" 2>&1 ||
     { tail -30 "$OUT/configure.log"; exit 1; }
-  cmake --build "$BUILD" -j"$(nproc)" --target cca cca_tests >"$OUT/build.log" 2>&1 ||
+  cmake --build "$BUILD" -j"$(nproc)" --target cca cca_tests cca_cuda_bench >"$OUT/build.log" 2>&1 ||
     { grep -E "error|Error" -A3 "$OUT/build.log" | head -60; exit 1; }
 fi
 for bin in cca cca_tests; do
@@ -106,8 +106,21 @@ if has bench; then
       done
     done
   done
+  : >"$OUT/kernels.jsonl"
+  if [ -x "$BUILD/cca_cuda_bench" ]; then
+    echo "== timings: cca_cuda_bench --bwd (kernels through the backend; cca_bwd_attend = dK/dV + dQ)"
+    for hp in $HEADS; do
+      for mode in wgmma mma; do
+        if [ $mode = mma ]; then export CCA_CUDA_BWD=mma; else unset CCA_CUDA_BWD; fi
+        "$BUILD/cca_cuda_bench" --bwd --skip-full --decode-ctx "" --ragged "" --heads "$hp" \
+          --t-list "$T_LIST" 2>>"$OUT/bench.err" | grep '^{' |
+          sed "s/^{/{\"bwd_path\": \"$mode\", /" | tee -a "$OUT/kernels.jsonl"
+        unset CCA_CUDA_BWD
+      done
+    done
+  fi
   echo "== summary ($(head -1 "$OUT/gpu.txt"))"
-  python3 - "$OUT/cli.jsonl" <<'EOF'
+  python3 - "$OUT/cli.jsonl" "$OUT/kernels.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 print("cca bench attention, bf16, D=128, g=16, s=1024 (whole attn_fwd / attn_bwd calls; useful"
@@ -126,5 +139,18 @@ for hq, hkv, t in keys:
     print("%-6s %7d %9s %8s | %10s %8s | %10s %8s | %7s %12s" % (
         "%d:%d" % (hq, hkv), t, cell(f, "ms"), cell(f, "gflops", 1e-3), cell(m, "bwd_ms"),
         cell(m, "bwd_gflops", 1e-3), cell(w, "bwd_ms"), cell(w, "bwd_gflops", 1e-3), sp, tot))
+ks = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+if ks:
+    print("cca_cuda_bench kernels (ms, useful TFLOP/s; cca_bwd_attend = dK/dV + dQ kernels):")
+    ops = ["cca_bwd_attend", "cca_bwd", "cca_fwd_bwd"]
+    print("%-6s %7s " % ("Hq:Hkv", "T") + " ".join("%18s %18s" % (o + " mma", "wgmma") for o in ops))
+    for hq, hkv, t in sorted({(k["Hq"], k["Hkv"], k["T"]) for k in ks}):
+        cells = []
+        for o in ops:
+            for path in ("mma", "wgmma"):
+                m = [k for k in ks if (k["Hq"], k["Hkv"], k["T"], k["op"], k["bwd_path"]) ==
+                     (hq, hkv, t, o, path)]
+                cells.append("%18s" % ("%.2f ms %.0f TF" % (m[0]["ms"], m[0]["tflops"]) if m else "-"))
+        print("%-6s %7d " % ("%d:%d" % (hq, hkv), t) + " ".join(cells))
 EOF
 fi
