@@ -20,10 +20,12 @@
 //   dK  += dS^T Q   wgmma m64n{D}k16, dS^T from registers (rounded to T), Q N-major
 // with dV issued before dS^T is computed (it runs under that arithmetic); the two consumer
 // warpgroups run independently (one's exponentials under the other's products).
-// dQ: see bwd_dq_wgmma_kernel (the forward's layout plus dP = dO V^T and dQ += dS K).
+// dQ: see bwd_dq_wgmma_kernel (the forward's layout plus dP = dO V^T and dQ += dS K; block i's
+// S and dP issued right behind block i - 1's dQ).
 // Each needs sm_90a device code on a 9.0 GPU, D 64/128, 16-bit inputs and tensor maps the
 // driver accepts; otherwise its launcher returns false and the mma.sync kernel runs.
-// CCA_CUDA_BWD=mma forces the mma.sync kernels (bwd_env).
+// CCA_CUDA_BWD=mma forces the mma.sync kernels (bwd_env); CCA_CUDA_BWD_OVERLAP=0 the dQ kernel's
+// plain loop.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
