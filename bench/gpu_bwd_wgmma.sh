@@ -8,7 +8,8 @@
 # (wgmma dK/dV and dQ) and =mma (the mma.sync kernels), alternating per length, and
 # cca_cuda_bench --bwd (the kernels alone) where built, printed last as tables. Logs and JSON go to $OUT (default out/gpu_bwd_wgmma).
 #   BUILD_DIR (default build-gpu): where cca and cca_tests are. DO_BUILD=1 configures and builds
-#   them there first (CCA_CUDA_ARCHS=90a). STAGES="test bisect sanitize bench" (default);
+#   them there first (CCA_CUDA_ARCHS=90a). STAGES="test testmma bisect sanitize bench" (default;
+#   test: the wgmma path, testmma: CCA_CUDA_BWD=mma; split them over calls of a 10-minute limit);
 #   T_LIST (default 8192,32768,131072), HEADS (default "32:32"; e.g. "32:32 32:8"), REPS
 #   (default 3), TEST_FILTER, TEST_TIMEOUT, SANITIZE_FILTER override.
 set -uo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_bwd_wgmma}
 mkdir -p "$OUT"
 BUILD=${BUILD_DIR:-build-gpu}
-STAGES=${STAGES:-"test bisect sanitize bench"}
+STAGES=${STAGES:-"test testmma bisect sanitize bench"}
 T_LIST=${T_LIST:-8192,32768,131072}
 HEADS=${HEADS:-"32:32"}
 REPS=${REPS:-3}
@@ -46,11 +47,13 @@ summary_tests() {  # log
   grep -E "^\[  SKIPPED \]|Skipped" -A1 "$1" | grep -i "wgmma" | head -3
 }
 
-if has test; then
+if has test || has testmma; then
   for mode in wgmma mma; do
+    if [ $mode = wgmma ] && ! has test; then continue; fi
+    if [ $mode = mma ] && ! has testmma; then continue; fi
     echo "== GPU backward tests, CCA_CUDA_BWD=${mode/wgmma/(unset)}"
     if [ $mode = mma ]; then export CCA_CUDA_BWD=mma; else unset CCA_CUDA_BWD; fi
-    timeout ${TEST_TIMEOUT:-900} "$BUILD/cca_tests" --gtest_filter="$FILTER" \
+    timeout ${TEST_TIMEOUT:-540} "$BUILD/cca_tests" --gtest_filter="$FILTER" \
       >"$OUT/tests_$mode.log" 2>&1
     echo "tests ($mode) exit $?"
     summary_tests "$OUT/tests_$mode.log"
