@@ -6,7 +6,8 @@
 # (CCA_CUDA_BWD_OVERLAP=0), to bisect a failure; compute-sanitizer memcheck and racecheck on
 # small backward cases; then `cca bench attention --backend cuda --bwd` with CCA_CUDA_BWD unset
 # (wgmma dK/dV and dQ) and =mma (the mma.sync kernels), alternating per length, and
-# cca_cuda_bench --bwd (the kernels alone) where built, printed last as tables. Logs and JSON go to $OUT (default out/gpu_bwd_wgmma).
+# cca_cuda_bench --bwd (the kernels alone) where built, printed last as tables. Logs and JSON
+# go to $OUT (default out/gpu_bwd_wgmma).
 #   BUILD_DIR (default build-gpu): where cca and cca_tests are. DO_BUILD=1 configures and builds
 #   them there first (CCA_CUDA_ARCHS=90a). STAGES="test testmma bisect sanitize bench" (default;
 #   test: the wgmma path, testmma: CCA_CUDA_BWD=mma; split them over calls of a 10-minute limit);
