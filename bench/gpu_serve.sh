@@ -82,7 +82,7 @@ for V in $VARIANTS; do
       --max-context $((LONG + 64)) || continue
     timeout ${CAP_TIMEOUT:-3600} python3 bench/serve_load.py --url "http://127.0.0.1:$PORT" \
       --label "$V" --capacity --capacity-requests "$CAP_REQUESTS" --prompt-tokens "$LONG" \
-      --max-tokens 64 --vocab 128000 $([ "${VERIFY:-1}" = 1 ] && echo --verify-first-token) \
+      --max-tokens ${CAP_MAX_TOKENS:-2048} --vocab 128000 $([ "${VERIFY:-1}" = 1 ] && echo --verify-first-token) \
       --verify-timeout ${VERIFY_TIMEOUT:-2400} \
       --json "$OUT/capacity-$V.json" 2>&1 | tee "$OUT/capacity-$V.txt" | tail -3
     stop_server

@@ -183,7 +183,9 @@ def run_capacity(srv, args):
         t.start()
     running = queued = -1
     best = {}
-    deadline = time.time() + 120
+    t0_wall = time.time()
+    deadline = t0_wall + args.capacity_wait
+    last_print = -1
     while time.time() < deadline:
         m = srv.metrics()
         running, queued = int(m.get("cca_requests_running", -1)), int(m.get("cca_requests_queued", -1))
@@ -194,10 +196,25 @@ def run_capacity(srv, args):
             finished = len(statuses)
         if running + queued + refused >= n or finished >= n:
             break
+        if int(time.time() - t0_wall) % 10 == 0 and int(time.time() - t0_wall) != last_print:
+            last_print = int(time.time() - t0_wall)
+            print(f"capacity: {last_print} s: running {running}, queued {queued}, refused "
+                  f"{refused}, finished {finished} of {n}", file=sys.stderr, flush=True)
         time.sleep(0.2)
+    else:
+        print(f"capacity: gave up after {args.capacity_wait} s: running {running}, queued "
+              f"{queued} of {n}", file=sys.stderr, flush=True)
     # The most requests seen running at once (a request that finished before a scrape is not
     # counted: ask for enough --max-tokens that they stay).
+    with lock:
+        errors = {}
+        for _, err in statuses.values():
+            if err:
+                errors[err] = errors.get(err, 0) + 1
+    for err, k in errors.items():
+        print(f"capacity: {k} request(s) ended with: {err}", file=sys.stderr, flush=True)
     cap = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "sent": n,
+           "errors": errors,
            "admitted": int(best.get("cca_requests_running", 0)),
            "queued": int(best.get("cca_requests_queued", 0)),
            "kv_reserved_bytes": best.get("cca_kv_cache_reserved_bytes"),
@@ -258,6 +275,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--capacity", action="store_true", help="capacity mode (see above)")
     ap.add_argument("--capacity-requests", type=int, default=160)
+    ap.add_argument("--capacity-wait", type=float, default=600,
+                    help="seconds to wait for every request to be running, queued or refused")
     ap.add_argument("--verify-first-token", action="store_true")
     ap.add_argument("--verify-timeout", type=float, default=1200)
     ap.add_argument("--json", default="", help="write the results here")

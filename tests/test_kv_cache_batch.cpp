@@ -43,11 +43,13 @@ std::vector<BatchCase> batch_cases() {
 class KvCacheBatch : public ::testing::TestWithParam<BatchCase> {};
 
 // Sequences prefilled to lengths 1, 9, 30 and 57, then decoded together for 6 steps: every
-// step's row s equals row (length_s + step) of sequence s's one-shot prefill.
-TEST_P(KvCacheBatch, RaggedDecodeEqualsEachPrefill) {
-  const BatchCase& c = GetParam();
+// step's row s equals row (length_s + step) of sequence s's one-shot prefill. With
+// device_positions, fixed-capacity caches decode through kv_cache_decode_step (the positions
+// read on the device, the appends and pools of all sequences in one launch each: CUDA graphs).
+void check_ragged_decode(const BatchCase& c, bool device_positions) {
   const int64_t Hq = 4, Hkv = 2, D = c.backend == BackendKind::cuda ? 64 : 32, steps = 6;
-  const std::vector<int64_t> lengths = {1, 9, 30, 57};
+  // (Streaming's two sinks must be full for a device-positioned step.)
+  const std::vector<int64_t> lengths = {device_positions ? 3 : 1, 9, 30, 57};
   const int64_t S = int64_t(lengths.size());
   Rng rng(seed_of(c.name));
   const Device dev = device_of(c.backend);
@@ -63,7 +65,9 @@ TEST_P(KvCacheBatch, RaggedDecodeEqualsEachPrefill) {
     seqs.push_back(make_qkv(1, L + steps, Hq, Hkv, D, c.dtype, Layout::contiguous, rng));
     const Qkv& in = seqs.back();
     prefills.push_back(run_attn(c.backend, in.q, in.k, in.v, c.variant, Layout::contiguous, 1));
-    caches.push_back(std::make_unique<KvCache>(c.variant, 1, Hq, Hkv, D, c.dtype, run));
+    const KvCacheCapacity capacity{device_positions ? 128 : 0, device_positions ? 64 : 0};
+    caches.push_back(
+        std::make_unique<KvCache>(c.variant, 1, Hq, Hkv, D, c.dtype, run, capacity));
     Tensor out = alloc(c.dtype, {1, L, Hq, D});
     OnDevice dq(with_view(in.q, in.q.view.slice(1, 0, L)), dev),
         dk(with_view(in.k, in.k.view.slice(1, 0, L)), dev),
@@ -87,22 +91,41 @@ TEST_P(KvCacheBatch, RaggedDecodeEqualsEachPrefill) {
                  v = stack_sequences(vs, rows);
     Tensor out = alloc(c.dtype, {S, 1, Hq, D}), lse = alloc(DType::f32, {S, Hq, 1});
     OnDevice dq(q, dev), dk(k, dev), dv(v, dev), dout(out, dev), dlse(lse, dev);
-    kv_cache_append_batch(ptrs, dq.view(), dk.view(), dv.view(), dout.view(), dlse.view());
+    if (device_positions) {
+      for (const KvCache* cache : ptrs) ASSERT_TRUE(cache->next_step_replayable());
+      std::vector<int32_t> pos(rows.begin(), rows.end());
+      const std::shared_ptr<void> dpos(device_alloc(int64_t(pos.size()) * 4),
+                                       [](void* p) { device_free(p); });
+      copy_to_device(dpos.get(), pos.data(), int64_t(pos.size()) * 4);
+      kv_cache_decode_step(ptrs, dq.view(), dk.view(), dv.view(), dout.view(),
+                           static_cast<const int32_t*>(dpos.get()));
+      device_synchronize();
+    } else {
+      kv_cache_append_batch(ptrs, dq.view(), dk.view(), dv.view(), dout.view(), dlse.view());
+      dlse.download();
+      ASSERT_TRUE(fully_written(lse));
+    }
     dout.download();
-    dlse.download();
     ASSERT_TRUE(fully_written(out));
-    ASSERT_TRUE(fully_written(lse));
     for (int64_t s = 0; s < S; ++s) {
       SCOPED_TRACE("step " + std::to_string(step) + ", sequence " + std::to_string(s));
       const int64_t t = rows[size_t(s)];
       expect_close(out.view.slice(0, s, 1), prefills[size_t(s)].out.view.slice(1, t, 1),
                    tol.max_abs, tol.rel_l2, "out", "batched decode vs prefill");
-      expect_close(lse.view.slice(0, s, 1), prefills[size_t(s)].lse.view.slice(2, t, 1),
-                   identity_lse_tolerance(c.dtype), 1.0, "lse", "batched decode vs prefill");
+      if (!device_positions)
+        expect_close(lse.view.slice(0, s, 1), prefills[size_t(s)].lse.view.slice(2, t, 1),
+                     identity_lse_tolerance(c.dtype), 1.0, "lse", "batched decode vs prefill");
       EXPECT_EQ(caches[size_t(s)]->length(), t + 1);
     }
     if (::testing::Test::HasFailure()) return;
   }
+}
+
+TEST_P(KvCacheBatch, RaggedDecodeEqualsEachPrefill) { check_ragged_decode(GetParam(), false); }
+
+TEST_P(KvCacheBatch, DeviceHeldPositionsEqualEachPrefill) {
+  if (GetParam().backend != BackendKind::cuda) GTEST_SKIP() << "device-held positions: cuda only";
+  check_ragged_decode(GetParam(), true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, KvCacheBatch, ::testing::ValuesIn(batch_cases()),

@@ -238,13 +238,14 @@ TEST_P(Ops, Linear) {
              {300, 200, {128, 64}, DType::bf16, DType::bf16, false, true, 0, 0},
              {300, 64, {48}, DType::f16, DType::f16, false, false, 0, 0},
              {2, 256, {256}, DType::bf16, DType::f32, false, false, 0, 0},
-             // Up to 4 rows with in % 8 == 0 and 16-byte rows run the matrix-vector kernel.
+             // Up to 2 rows with in % 8 == 0 and 16-byte rows run the matrix-vector kernel.
              {1, 512, {384, 64}, DType::bf16, DType::bf16, true, true, 0, 0},
-             {3, 1024, {200}, DType::f16, DType::f16, true, false, 8, 0},
-             {4, 4096, {96, 33}, DType::bf16, DType::f32, false, true, 0, 4},
-             {4, 136, {1000}, DType::f16, DType::f32, false, false, 3, 0},  // x rows unaligned
-             {8, 512, {300}, DType::bf16, DType::f32, false, true, 0, 2},  // cuBLASLt again
-             {6, 1024, {130, 70}, DType::f16, DType::f16, true, false, 0, 0}};
+             {2, 1024, {200}, DType::f16, DType::f16, true, false, 8, 0},
+             {2, 4096, {96, 33}, DType::bf16, DType::f32, false, true, 0, 4},
+             {2, 136, {1000}, DType::f16, DType::f32, false, false, 3, 0},  // x rows unaligned
+             {1, 4104, {7, 5000}, DType::bf16, DType::bf16, true, true, 8, 3},
+             {3, 512, {300}, DType::bf16, DType::f32, false, true, 0, 2},  // cuBLASLt again
+             {8, 1024, {130, 70}, DType::f16, DType::f16, true, false, 0, 0}};
   } else {
     cases = {{1, 77, {45}, DType::f32, DType::f32, false, false, 0, 0},
              {1, 64, {40, 24, 7}, DType::f32, DType::f32, true, true, 3, 5},

@@ -107,6 +107,14 @@ struct PoolBwdProblem {
   bool deterministic = false;
 };
 
+// One append of Backend::copy_tensor_at.
+struct CopyAt {
+  TensorView dst_store;
+  int64_t pos0 = 0;
+  const int32_t* pos_device = nullptr;
+  TensorView src;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -135,10 +143,13 @@ class Backend {
   // `stream` (a cudaStream_t for the cuda backend; ignored on the host). Host backends also
   // convert between dtypes (attn_bwd's float32 accumulators into 16-bit gradients).
   virtual void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const;
-  // dst rows (position - pos0) .. for src [B, n, H, D], with `position` read on the device from
-  // `pos_device`: the decode step's append of its new key and value (cuda only).
-  virtual void copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
-                              const TensorView& src, void* stream) const;
+  // Each copy's dst_store rows (position - pos0) .. = its src [B, n, H, D], with `position` read
+  // on the device from `pos_device`: a decode step's appends of the new keys and values of all
+  // its sequences, in one launch (cuda only).
+  virtual void copy_tensor_at(const std::vector<CopyAt>& copies, void* stream) const;
+  // Several pools on one stream (a decode step's device-positioned pools of all its sequences).
+  // The default runs them one by one; a backend may fuse them into one launch.
+  virtual void pool_batch(const std::vector<PoolProblem>& problems) const;
 };
 
 // The backend to run; throws cca::Error if it is not compiled in or cannot run here.

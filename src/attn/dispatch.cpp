@@ -74,8 +74,11 @@ void Backend::attend_batch(const std::vector<AttendProblem>& problems) const {
   for (const AttendProblem& p : problems) attend(p);
 }
 
-void Backend::copy_tensor_at(const TensorView&, int64_t, const int32_t*, const TensorView&,
-                             void*) const {
+void Backend::pool_batch(const std::vector<PoolProblem>& problems) const {
+  for (const PoolProblem& p : problems) pool(p);
+}
+
+void Backend::copy_tensor_at(const std::vector<CopyAt>&, void*) const {
   throw Error(std::string("backend ") + backend_name(kind()) +
               " has no device-positioned copies (CUDA-graph decode steps need the cuda backend)");
 }

@@ -123,6 +123,22 @@ StoreRows fixed_rows(const VariantSpec& v, const KvCacheCapacity& c) {
   return r;
 }
 
+// A decode step's appends and pools of all its sequences, launched together before its attend.
+struct DeviceAppends {
+  std::vector<CopyAt> copies;
+  std::vector<PoolProblem> pools;
+  void run(const Backend& be, const RunOptions& run) const {
+    {
+      const Phase copy_phase(run.timer, "kv copy");
+      be.copy_tensor_at(copies, run.stream);
+    }
+    if (!pools.empty()) {
+      const Phase pool_phase(run.timer, "pool");
+      be.pool_batch(pools);
+    }
+  }
+};
+
 }  // namespace
 
 struct KvCache::Impl {
@@ -280,19 +296,18 @@ struct KvCache::Impl {
   // prepare() of one token whose position the kernels read from `pos` (device int32): the raw
   // store is passed whole, with row r holding position raw_begin - raw_off + r (constant while
   // the window does not move), and the core store whole (the kernels take the core count from
-  // the position), so every launch argument is the same from step to step.
+  // the position), so every launch argument is the same from step to step. The appends of the
+  // new key and value and the pooling are queued in `dev`, to run for all the sequences of a
+  // step at once (DeviceAppends::run).
   Pending prepare_at(const TensorView& q, const TensorView& k, const TensorView& v,
-                     const TensorView& out, const int32_t* pos) {
+                     const TensorView& out, const int32_t* pos, DeviceAppends& dev) {
     check(replayable(), "KvCache: this step cannot run from device-held positions (the cache "
                         "window moves, the sinks fill, or the cache has no fixed capacity)");
     const float scale = variant.scale_for(D);
     const int64_t pos0 = raw_begin - raw_off;
     const TensorView sk = raw_k.rows(0, raw_k.capacity()), sv = raw_v.rows(0, raw_v.capacity());
-    {
-      const Phase copy_phase(run.timer, "kv copy");
-      be->copy_tensor_at(sk, pos0, pos, k, run.stream);
-      be->copy_tensor_at(sv, pos0, pos, v, run.stream);
-    }
+    dev.copies.push_back({sk, pos0, pos, k});
+    dev.copies.push_back({sv, pos0, pos, v});
     const KvSegment raw{sk, sv, pos0};
     const int64_t core_end = variant.has_core() ? (n + 1) / variant.group : 0;
     const int64_t core_rows = core_k.capacity();
@@ -307,8 +322,7 @@ struct KvCache::Impl {
       pp.scale = scale;
       pp.stream = run.stream;
       pp.pos_device = pos;
-      const Phase pool_phase(run.timer, "pool");
-      be->pool(pp);
+      dev.pools.push_back(pp);
     }
     AttendProblem a = attend_problem(q, out, {}, core_rows, n_sink, raw);
     a.q_pos_device = pos;
@@ -404,10 +418,11 @@ namespace {
 
 // The checks and the prepare / one batched attend / commit sequence of a batched step;
 // `prepare(impl, s, q, k, v, out, lse)` prepares sequence s.
-template <class Prepare>
+// `before_attend()` runs after every sequence is prepared.
+template <class Prepare, class BeforeAttend>
 void append_batch(const std::vector<KvCache::Impl*>& impls, const TensorView& q,
                   const TensorView& k, const TensorView& v, const TensorView& out,
-                  const TensorView& lse, Prepare prepare) {
+                  const TensorView& lse, Prepare prepare, BeforeAttend before_attend) {
   const int64_t S = int64_t(impls.size());
   // Row s of every tensor is sequence s; all are checked before any cache changes.
   auto row = [](const TensorView& t, int64_t s) { return t.data ? t.slice(0, s, 1) : t; };
@@ -420,6 +435,7 @@ void append_batch(const std::vector<KvCache::Impl*>& impls, const TensorView& q,
         prepare(*impls[size_t(s)], s, row(q, s), row(k, s), row(v, s), row(out, s), row(lse, s)));
     problems.push_back(pending.back().attend);
   }
+  before_attend();
   {
     const Phase attend_phase(impls.front()->run.timer, "attend");
     impls.front()->be->attend_batch(problems);
@@ -451,7 +467,8 @@ void kv_cache_append_batch(const std::vector<KvCache*>& caches, const TensorView
                [](KvCache::Impl& m, int64_t, const TensorView& qs, const TensorView& ks,
                   const TensorView& vs, const TensorView& os, const TensorView& ls) {
                  return m.prepare(qs, ks, vs, os, ls);
-               });
+               },
+               [] {});
 }
 
 void kv_cache_decode_step(const std::vector<KvCache*>& caches, const TensorView& q,
@@ -462,10 +479,14 @@ void kv_cache_decode_step(const std::vector<KvCache*>& caches, const TensorView&
   check(q.shape[1] == 1, "kv_cache_decode_step: one token per sequence, got q " +
                              q.shape_string());
   check(positions != nullptr, "kv_cache_decode_step: positions missing");
-  append_batch(impls, q, k, v, out, {},
-               [positions](KvCache::Impl& m, int64_t s, const TensorView& qs,
-                           const TensorView& ks, const TensorView& vs, const TensorView& os,
-                           const TensorView&) { return m.prepare_at(qs, ks, vs, os, positions + s); });
+  DeviceAppends dev;
+  append_batch(
+      impls, q, k, v, out, {},
+      [positions, &dev](KvCache::Impl& m, int64_t s, const TensorView& qs, const TensorView& ks,
+                        const TensorView& vs, const TensorView& os, const TensorView&) {
+        return m.prepare_at(qs, ks, vs, os, positions + s, dev);
+      },
+      [&] { dev.run(*impls.front()->be, impls.front()->run); });
 }
 
 namespace {

@@ -1,6 +1,8 @@
 // Strided tensor copy on the device (the KV cache's appends and reallocations) and the layout
 // test the vectorised kernels rely on.
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
@@ -17,11 +19,31 @@ struct CopyArgs {
   int64_t pos0;
 };
 
+// One copy of a launch: dst = src in units E (see copy_job).
+struct CopyJob {
+  void* dst;
+  const void* src;
+  CopyArgs c;
+};
+// Up to kCap copies in one launch (a decode step's appends of all its sequences' keys and
+// values), passed by value; blockIdx.y is the copy.
+template <int kCap>
+struct CopyBatch {
+  int count;
+  CopyJob j[kCap];
+};
+constexpr int kCopyBatchCap = 64;  // 9 KB of kernel parameters
+static_assert(sizeof(CopyBatch<kCopyBatchCap>) < 32000, "kernel parameters over the 32 KB limit");
+
 // dst[b, t, h, :] = src[b, t, h, :] for [B, n, H, D] views, counted in units E (an element, or
 // 16 bytes when rows allow); `pos` offsets dst by whole rows.
-template <typename E>
-__global__ void copy_tensor_kernel(E* dst, const E* src, CopyArgs c) {
+template <typename E, int kCap>
+__global__ void copy_tensor_kernel(const __grid_constant__ CopyBatch<kCap> batch) {
   pdl_wait_and_release();
+  const CopyJob& job = batch.j[blockIdx.y];
+  const CopyArgs& c = job.c;
+  E* dst = static_cast<E*>(job.dst);
+  const E* src = static_cast<const E*>(job.src);
   if (c.pos) dst += (int64_t(*c.pos) - c.pos0) * c.ds[1];
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.total;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -60,8 +82,10 @@ struct Unit {
   using type = E;
 };
 
-void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* pos, int64_t pos0,
-                 cudaStream_t stream) {
+// The checked arguments of dst = src; `unit` (bytes) is the size of E, 0 for a float32 src
+// rounded into a 16-bit dst (round_tensor_kernel, element by element).
+CopyJob copy_job(const TensorView& dst, const TensorView& src, const int32_t* pos, int64_t pos0,
+                 int64_t& unit) {
   const bool rounds = src.dtype == DType::f32 && dst.dtype != DType::f32;
   check(dst.dtype == src.dtype || (rounds && !pos),
         std::string("copy_tensor: cannot copy ") + dtype_name(src.dtype) + " into " +
@@ -69,44 +93,48 @@ void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* po
   for (int i = 0; i < 4; ++i)
     check(i == 1 ? dst.shape[i] >= src.shape[i] : dst.shape[i] == src.shape[i],
           "copy_tensor: shape " + dst.shape_string() + " vs " + src.shape_string());
-  CopyArgs c;
+  CopyJob j{dst.data, src.data, {}};
+  CopyArgs& c = j.c;
   c.n1 = src.shape[1];
   c.n2 = src.shape[2];
   c.n3 = src.shape[3];
   c.total = src.shape[0] * c.n1 * c.n2 * c.n3;
   c.pos = pos;
   c.pos0 = pos0;
-  if (c.total == 0) return;
   for (int i = 0; i < 3; ++i) {
     c.ds[i] = dst.stride[i];
     c.ss[i] = src.stride[i];
   }
-  if (rounds) {  // float32 gradients into 16-bit ones, element by element
-    const unsigned blocks = unsigned(std::min<int64_t>((c.total + 255) / 256, 65535));
-    if (dst.dtype == DType::bf16)
-      round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(dst.data),
-                                                      static_cast<const float*>(src.data), c);
-    else
-      round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__half*>(dst.data),
-                                                      static_cast<const float*>(src.data), c);
-    CCA_CUDA_CHECK_LAUNCH("round_tensor_kernel");
-    return;
-  }
+  unit = 0;
+  if (rounds) return j;
   // Rows of 16-byte multiples at 16-byte aligned addresses move in 16-byte units: 8x fewer
   // index computations than per 2-byte element (the chunk appends of a prefill are ~30 MB).
   const int64_t es = dtype_size(src.dtype);
-  const int64_t unit = rows_aligned_16(dst) && rows_aligned_16(src) ? 16 : es;
+  unit = rows_aligned_16(dst) && rows_aligned_16(src) ? 16 : es;
   c.n3 = c.n3 * es / unit;
   c.total = c.total * es / unit;
   for (int i = 0; i < 3; ++i) {
     c.ds[i] = c.ds[i] * es / unit;
     c.ss[i] = c.ss[i] * es / unit;
   }
-  const unsigned blocks = unsigned(std::min<int64_t>((c.total + 255) / 256, 65535));
+  return j;
+}
+
+// One launch for jobs [0, count) of one unit, count <= kCap.
+template <int kCap>
+void launch_jobs(const CopyJob* jobs, int count, int64_t unit, cudaStream_t stream) {
+  CopyBatch<kCap> b{};
+  b.count = count;
+  int64_t most = 0;
+  for (int i = 0; i < count; ++i) {
+    b.j[i] = jobs[i];
+    most = std::max(most, jobs[i].c.total);
+  }
+  if (most == 0) return;
+  const dim3 grid(unsigned(std::min<int64_t>((most + 255) / 256, 65535)), unsigned(count));
   auto go = [&](auto tag) {
     using E = typename decltype(tag)::type;
-    pdl_launch(copy_tensor_kernel<E>, dim3(blocks), dim3(256), 0, stream,
-               static_cast<E*>(dst.data), static_cast<const E*>(src.data), c);
+    pdl_launch(copy_tensor_kernel<E, kCap>, grid, dim3(256), 0, stream, b);
   };
   if (unit == 16)
     go(Unit<uint4>{});
@@ -121,12 +149,40 @@ void launch_copy(const TensorView& dst, const TensorView& src, const int32_t* po
 void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream_t stream) {
   check(dst.shape[1] == src.shape[1],
         "copy_tensor: shape " + dst.shape_string() + " vs " + src.shape_string());
-  launch_copy(dst, src, nullptr, 0, stream);
+  int64_t unit = 0;
+  const CopyJob j = copy_job(dst, src, nullptr, 0, unit);
+  if (j.c.total == 0) return;
+  if (unit != 0) return launch_jobs<1>(&j, 1, unit, stream);
+  // float32 gradients into 16-bit ones, element by element
+  const unsigned blocks = unsigned(std::min<int64_t>((j.c.total + 255) / 256, 65535));
+  if (dst.dtype == DType::bf16)
+    round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(dst.data),
+                                                    static_cast<const float*>(src.data), j.c);
+  else
+    round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__half*>(dst.data),
+                                                    static_cast<const float*>(src.data), j.c);
+  CCA_CUDA_CHECK_LAUNCH("round_tensor_kernel");
 }
 
-void launch_copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
-                           const TensorView& src, cudaStream_t stream) {
-  launch_copy(dst_store, src, pos_device, pos0, stream);
+void launch_copy_tensor_at(const std::vector<CopyAt>& copies, cudaStream_t stream) {
+  // Consecutive copies of one unit share a launch (all of a decode step's, in practice).
+  std::vector<CopyJob> jobs;
+  int64_t unit = 0;
+  auto flush = [&] {
+    for (size_t i = 0; i < jobs.size(); i += kCopyBatchCap)
+      launch_jobs<kCopyBatchCap>(jobs.data() + i,
+                                 int(std::min<size_t>(kCopyBatchCap, jobs.size() - i)), unit,
+                                 stream);
+    jobs.clear();
+  };
+  for (const CopyAt& c : copies) {
+    int64_t u = 0;
+    const CopyJob j = copy_job(c.dst_store, c.src, c.pos_device, c.pos0, u);
+    if (!jobs.empty() && u != unit) flush();
+    unit = u;
+    jobs.push_back(j);
+  }
+  flush();
 }
 
 }  // namespace cca::cuda

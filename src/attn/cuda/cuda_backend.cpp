@@ -151,7 +151,7 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < problems.size(); ++i) copy_out(problems[i], batch[i], stream);
   }
 
-  void pool(const PoolProblem& p) const override {
+  static void check_pool(const PoolProblem& p) {
     const int64_t D = p.q.shape[3];
     std::string why = unsupported_dtype_dim(p.q.dtype, D);
     for (auto [t, name] : {std::pair{&p.q, "q"},
@@ -161,9 +161,31 @@ class CudaBackend final : public Backend {
                            {&p.v_core, "v_core"}})
       if (why.empty()) why = check_view(*t, name, p.q.dtype, D);
     check(why.empty(), "backend cuda: " + why);
-    if (p.group_end <= p.group_begin && !p.pos_device) return;
     check(!p.pos_device || p.q.shape[1] == 1,
           "backend cuda: a device-positioned pool takes one query");
+  }
+
+  // Device-positioned pools of one stream, dtype and head dim whose views need no aligned
+  // copies (a decode step's, in the engine) run in one launch; others one by one.
+  void pool_batch(const std::vector<PoolProblem>& problems) const override {
+    bool fused = !problems.empty();
+    for (const PoolProblem& p : problems) {
+      check_pool(p);
+      fused = fused && p.pos_device && p.stream == problems[0].stream &&
+              p.q.dtype == problems[0].q.dtype && p.q.shape[3] == problems[0].q.shape[3] &&
+              p.q.shape[2] == problems[0].q.shape[2] &&
+              p.raw.k.shape[2] == problems[0].raw.k.shape[2] &&
+              p.k_core.shape[2] == problems[0].k_core.shape[2];
+      for (const TensorView* t : {&p.q, &p.raw.k, &p.raw.v, &p.k_core, &p.v_core})
+        fused = fused && rows_aligned_16(*t);
+    }
+    if (!fused) return Backend::pool_batch(problems);
+    launch_pool_batch(problems, static_cast<cudaStream_t>(problems[0].stream));
+  }
+
+  void pool(const PoolProblem& p) const override {
+    check_pool(p);
+    if (p.group_end <= p.group_begin && !p.pos_device) return;
     cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
     Scratch scratch(stream);
     PoolProblem a = p;
@@ -279,9 +301,8 @@ class CudaBackend final : public Backend {
   void copy_tensor(const TensorView& dst, const TensorView& src, void* stream) const override {
     launch_copy_tensor(dst, src, static_cast<cudaStream_t>(stream));
   }
-  void copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
-                      const TensorView& src, void* stream) const override {
-    launch_copy_tensor_at(dst_store, pos0, pos_device, src, static_cast<cudaStream_t>(stream));
+  void copy_tensor_at(const std::vector<CopyAt>& copies, void* stream) const override {
+    launch_copy_tensor_at(copies, static_cast<cudaStream_t>(stream));
   }
 };
 

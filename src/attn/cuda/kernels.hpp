@@ -28,6 +28,9 @@ bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream);
 void launch_attend_decode(const std::vector<AttendProblem>& problems, cudaStream_t stream,
                           int force_splits = 0);
 void launch_pool(const PoolProblem& p, cudaStream_t stream);
+// Device-positioned pools (PoolProblem::pos_device) of one dtype and head dim, 16-byte aligned
+// views, in one launch per 32.
+void launch_pool_batch(const std::vector<PoolProblem>& problems, cudaStream_t stream);
 // Backward (attend_bwd_kernel.cu, pool_bwd_kernel.cu); views checked by the backend, 16-byte
 // aligned rows for the attention kernels. delta = rowsum(dout * out).
 void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream);
@@ -50,9 +53,9 @@ int64_t pool_bwd_smem_bytes(int64_t D, int64_t nh, int64_t g, PoolMode mode);
 // dst = src for two [B, n, H, D] views of the same shape and 16-bit or 32-bit dtype; a float32
 // src into a 16-bit dst is rounded to nearest (attn_bwd's gradients).
 void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream_t stream);
-// dst_store rows (*pos_device - pos0) + t = src rows t: the position read on the device.
-void launch_copy_tensor_at(const TensorView& dst_store, int64_t pos0, const int32_t* pos_device,
-                           const TensorView& src, cudaStream_t stream);
+// Each copy's dst_store rows (*pos_device - pos0) + t = its src rows t, the position read on the
+// device; consecutive copies of one layout in one launch.
+void launch_copy_tensor_at(const std::vector<CopyAt>& copies, cudaStream_t stream);
 
 // Stream-ordered scratch memory from the backend's own pool (device.cpp), which keeps up to
 // 256 MB of freed memory for reuse: the default pool returns it at every synchronisation, and

@@ -2,6 +2,8 @@
 // values once (16-byte loads, D/8 lanes per key) and writes one core key and value.
 // pool = cca: w[n] = mean over the group's query heads of softmax_n(scale q_last . k_n), in two
 // passes over the group's keys (the second hits L1): per-head (max, sum), then the weighted sums.
+#include <algorithm>
+
 #include "backend.hpp"
 #include "cuda_check.hpp"
 #include "pdl.cuh"
@@ -28,6 +30,15 @@ struct PoolArgs {
   float scale_log2;
 };
 
+// Up to kCap pools in one launch (a decode step's pools of all its sequences), passed by value;
+// blockIdx.y is the pool.
+template <int kCap>
+struct PoolBatch {
+  PoolArgs a[kCap];
+};
+constexpr int kPoolBatchCap = 32;
+static_assert(sizeof(PoolBatch<kPoolBatchCap>) < 32000, "kernel parameters over the 32 KB limit");
+
 // Sum of x over the kL lanes that share a key.
 template <int kL>
 __device__ __forceinline__ float key_sum(float x) {
@@ -38,9 +49,11 @@ __device__ __forceinline__ float key_sum(float x) {
 
 // raw K, V [B, *, Hkv, D], q [B, *, Hq, D] -> k_core, v_core [B, count, Hc, D];
 // grid ceil(B * count * Hc / kWarps); dynamic smem kWarps * heads * D floats.
-template <typename T, int D>
-__global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs a) {
+template <typename T, int D, int kCap>
+__global__ void __launch_bounds__(PoolTile::kThreads)
+    pool_kernel(const __grid_constant__ PoolBatch<kCap> batch) {
   pdl_wait_and_release();
+  const PoolArgs& a = batch.a[blockIdx.y];
   constexpr int kL = D / 8, kGroups = 32 / kL, kU = 4;
   extern __shared__ float s_q[];  // [kWarps][nh][D], query rows pre-scaled
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kg = lane / kL, e = (lane % kL) * 8;
@@ -220,7 +233,9 @@ __global__ void __launch_bounds__(PoolTile::kThreads) pool_kernel(const PoolArgs
 
 }  // namespace
 
-void launch_pool(const PoolProblem& p, cudaStream_t stream) {
+namespace {
+
+PoolArgs pool_args(const PoolProblem& p) {
   PoolArgs a;
   a.q = p.q.data;
   a.q_sb = p.q.stride[0];
@@ -254,24 +269,51 @@ void launch_pool(const PoolProblem& p, cudaStream_t stream) {
   a.pos = p.pos_device;
   a.mode = p.variant.pool;
   a.scale_log2 = p.scale * kLog2e;
-  if (a.count <= 0) return;
+  return a;
+}
+
+// One launch for problems [0, count), count <= kCap, of the first one's dtype, head dim and
+// heads.
+template <int kCap>
+void launch_pools(const PoolProblem* ps, int count, cudaStream_t stream) {
+  PoolBatch<kCap> b{};
+  int64_t items = 0;
+  for (int i = 0; i < count; ++i) {
+    b.a[i] = pool_args(ps[i]);
+    const PoolArgs& a = b.a[i];
+    check(a.Hq == b.a[0].Hq && a.Hkv == b.a[0].Hkv && a.Hc == b.a[0].Hc &&
+              ps[i].q.dtype == ps[0].q.dtype && ps[i].q.shape[3] == ps[0].q.shape[3],
+          "cuda pool: the pools of a batch need one dtype, head dim and head counts");
+    items = std::max<int64_t>(items, int64_t(a.B) * a.count * a.Hc);
+  }
+  if (items <= 0) return;
+  const PoolArgs& a = b.a[0];
   const int nh = (a.Hc == a.Hq && a.Hq != a.Hkv) ? 1 : a.Hq / a.Hkv;
-  const int64_t D = p.q.shape[3];
+  const int64_t D = ps[0].q.shape[3];
   const size_t smem = size_t(PoolTile::kWarps) * nh * (D + 2) * sizeof(float);
   check(smem <= 200 * 1024,
         "cuda pool: too many query heads per KV head (" + std::to_string(nh) + ")");
-  const int64_t items = int64_t(a.B) * a.count * a.Hc;
-  const unsigned blocks = unsigned((items + PoolTile::kWarps - 1) / PoolTile::kWarps);
-  dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {
+  const dim3 grid(unsigned((items + PoolTile::kWarps - 1) / PoolTile::kWarps), unsigned(count));
+  dispatch_dtype_dim(ps[0].q.dtype, D, [&](auto type_tag, auto dim_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int kD = decltype(dim_tag)::value;
-    auto kernel = pool_kernel<T, kD>;
+    auto kernel = pool_kernel<T, kD, kCap>;
     if (smem > 48 * 1024)
       CCA_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    pdl_launch(kernel, dim3(blocks), dim3(PoolTile::kThreads), smem, stream, a);
+    pdl_launch(kernel, grid, dim3(PoolTile::kThreads), smem, stream, b);
     CCA_CUDA_CHECK_LAUNCH("pool_kernel");
   });
+}
+
+}  // namespace
+
+void launch_pool(const PoolProblem& p, cudaStream_t stream) { launch_pools<1>(&p, 1, stream); }
+
+void launch_pool_batch(const std::vector<PoolProblem>& problems, cudaStream_t stream) {
+  for (size_t i = 0; i < problems.size(); i += kPoolBatchCap)
+    launch_pools<kPoolBatchCap>(problems.data() + i,
+                                int(std::min<size_t>(kPoolBatchCap, problems.size() - i)), stream);
 }
 
 }  // namespace cca::cuda

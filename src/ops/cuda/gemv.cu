@@ -1,4 +1,4 @@
-// linear for a few rows (decode steps): y [n, out] = x [n, in] W [out, in]^T (+ b) (+ y), n <= 4,
+// linear for a few rows (decode steps): y [n, out] = x [n, in] W [out, in]^T (+ b) (+ y), n <= 2,
 // as a matrix-vector kernel that streams W once at close to the memory's bandwidth. cuBLASLt
 // reads W at 1.2-2.5 TB/s on the q|k|v and o projections of an 8B model at one row (H200; its
 // GEMM kernels tile for many rows), while a decode step is nothing but reading the weights.
@@ -142,12 +142,11 @@ bool launch_gemv(const TensorView& x, const TensorView& w, const void* bias, DTy
         accumulate);
   };
   auto with_n = [&](auto t_tag, auto ty_tag) {
-    switch (n) {
-      case 1: go(t_tag, ty_tag, std::integral_constant<int, 1>{}); break;
-      case 2: go(t_tag, ty_tag, std::integral_constant<int, 2>{}); break;
-      case 3: go(t_tag, ty_tag, std::integral_constant<int, 3>{}); break;
-      default: go(t_tag, ty_tag, std::integral_constant<int, 4>{}); break;
-    }
+    static_assert(kGemvMaxRows == 2);
+    if (n == 1)
+      go(t_tag, ty_tag, std::integral_constant<int, 1>{});
+    else
+      go(t_tag, ty_tag, std::integral_constant<int, 2>{});
   };
   auto with_y = [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;

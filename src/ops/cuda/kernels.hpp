@@ -38,9 +38,11 @@ void launch_convert(const TensorView& src, const TensorView& dst, cudaStream_t s
 // W [out, in]^T (+ bias [out]) (+ y when accumulate), x and W 16-bit, y x's dtype or float32, the
 // bias y's dtype or float32. Returns false, queuing nothing, where the views do not suit it (in
 // not a multiple of 8, rows not 16-byte aligned): the caller then runs the GEMM.
-// Up to 4 rows: at 8 rows (128 registers, 2 blocks per SM) a Llama-3-8B decode step of 8
-// sequences took 14.6 ms against 8.0 with cuBLASLt (H200, 2026-11-29).
-constexpr int64_t kGemvMaxRows = 4;
+// Up to 2 rows: from 3 rows cuBLASLt reads W faster (H200, Llama-3-8B shape, 2026-11-29: a
+// decode step of 4 sequences 5.84 ms with cuBLASLt against 8.04 with this kernel; of 2, 5.33
+// with it). A tensor-core variant (mma.sync, W staged through shared memory with cp.async) was
+// slower than both at 1-8 rows (8 sequences: 9.59 ms against 6.45) and was not kept.
+constexpr int64_t kGemvMaxRows = 2;
 bool launch_gemv(const TensorView& x, const TensorView& w, const void* bias, DType bias_dtype,
                  const TensorView& y, bool accumulate, cudaStream_t stream);
 template <typename T>
