@@ -2,18 +2,25 @@
 // larger than the consistency grid (many key and query tiles, long core segments, GQA, pool
 // modes and pool_heads, batch 2, D 64/128, both dtypes, float32 and 16-bit gradients, strided
 // layouts) under the grad rule of tolerance.hpp; a long cca case; bit-identical gradients on
-// two runs; the pooling backward's max tie rule; the error paths. The consistency driver
+// two runs; the pooling backward's max tie rule; the Hopper wgmma dK/dV path against the
+// mma.sync one (CCA_CUDA_BWD=mma); the error paths. The consistency driver
 // (test_consistency.cpp, grad mode) runs cuda on its whole grid too. Every test skips, saying
 // why, where no CUDA GPU is usable.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "backend.hpp"
 #include "consistency.hpp"
 #include "test_util.hpp"
 #include "tolerance.hpp"
+
+#ifdef CCA_WITH_CUDA
+#include "cuda/kernels.hpp"
+#endif
 
 namespace cca::test {
 namespace {
@@ -177,6 +184,99 @@ TEST(CudaBwd, PoolBackwardMatchesRef) {
       }
     }
 }
+
+#ifdef CCA_WITH_CUDA
+// Sets an environment variable for the scope, restoring the old value (or its absence) after.
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* value) : name(n) {
+    const char* o = std::getenv(n);
+    had = o != nullptr;
+    if (had) old = o;
+    if (value)
+      setenv(n, value, 1);
+    else
+      unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had)
+      setenv(name.c_str(), old.c_str(), 1);
+    else
+      unsetenv(name.c_str());
+  }
+};
+
+// The Hopper dK/dV kernel (attend_bwd_wgmma.cu, 128-key tiles, 64-query steps) against the
+// mma.sync one (CCA_CUDA_BWD=mma) through attn_bwd: every variant, pool and pool_heads, GQA,
+// batch 2, D 64/128, both dtypes, partial last key and query tiles, no core tokens (T < s),
+// strided layouts. Both round P and dS to the dtype at their own points (as two forward kernels
+// do), so they differ by a few roundings: the bound is the naive dtype error's cap, relative to
+// the largest gradient. Skips where the wgmma path does not apply (not sm_90a code on a 9.0 GPU).
+TEST(CudaBwd, WgmmaAgreesWithMma) {
+  CCA_REQUIRE_GPU();
+  struct C {
+    VariantSpec v;
+    int64_t B, T, Hq, Hkv, D;
+    DType dt;
+    Layout layout;
+  };
+  const DType bf16 = DType::bf16, f16 = DType::f16;
+  const C cases[] = {
+      {VariantSpec::cca(16, 200), 1, 1500, 8, 2, 128, bf16, Layout::contiguous},
+      {VariantSpec::cca(5, 77, PoolMode::cca, PoolHeads::query), 2, 1029, 4, 2, 64, f16,
+       Layout::padded},
+      {VariantSpec::cca(7, 64, PoolMode::max, PoolHeads::query), 1, 640, 4, 2, 128, f16,
+       Layout::contiguous},
+      {VariantSpec::cca(16, 130, PoolMode::mean), 1, 900, 4, 1, 64, bf16, Layout::transposed},
+      {VariantSpec::cca(16, 1024), 1, 700, 4, 4, 128, bf16, Layout::contiguous},  // no core
+      {VariantSpec::full(), 2, 600, 4, 2, 128, bf16, Layout::contiguous},
+      {VariantSpec::sliding(150), 1, 1000, 4, 4, 64, f16, Layout::contiguous},
+      {VariantSpec::streaming(4, 100), 1, 1000, 4, 2, 128, bf16, Layout::padded},
+      {VariantSpec::lminfinite(70, 65), 1, 333, 2, 1, 64, f16, Layout::contiguous},
+  };
+  // CCA_CUDA_BWD=dkdv or dq in the environment: only that kernel on wgmma (bisecting).
+  const char* outer_env = std::getenv("CCA_CUDA_BWD");
+  const std::string outer = outer_env && std::string(outer_env) != "mma" ? outer_env : "";
+  bool ran = false;
+  for (const C& c : cases) {
+    SCOPED_TRACE(variant_tag(c.v) + "_T" + std::to_string(c.T) + "_D" + std::to_string(c.D) +
+                 "_" + dtype_name(c.dt));
+    Rng rng(seed_of(variant_tag(c.v)) + uint64_t(c.T));
+    const Qkv in = make_qkv(c.B, c.T, c.Hq, c.Hkv, c.D, c.dt, c.layout, rng);
+    Tensor dout = alloc(c.dt, {c.B, c.T, c.Hq, c.D});
+    fill_normal(dout.view, rng);
+    const AttnOut fwd = run_attn(BackendKind::cuda, in.q, in.k, in.v, c.v);
+    Qkv mma, wg;
+    int64_t before = 0, after = 0;
+    {
+      ScopedEnv env("CCA_CUDA_BWD", "mma");
+      before = cuda::attend_bwd_wgmma_launches();
+      mma = run_attn_bwd(BackendKind::cuda, in, fwd, dout, c.v, DType::f32, Layout::padded);
+      EXPECT_EQ(cuda::attend_bwd_wgmma_launches(), before) << "CCA_CUDA_BWD=mma ran wgmma";
+    }
+    {
+      ScopedEnv env("CCA_CUDA_BWD", outer.empty() ? nullptr : outer.c_str());
+      before = cuda::attend_bwd_wgmma_launches();
+      wg = run_attn_bwd(BackendKind::cuda, in, fwd, dout, c.v, DType::f32, Layout::padded);
+      after = cuda::attend_bwd_wgmma_launches();
+    }
+    if (after == before) continue;  // the wgmma path does not apply here
+    ran = true;
+    const Bound cap = grad_tolerance(c.dt).naive_cap;
+    for (auto [got, want, name] : {std::tuple{&wg.q, &mma.q, "dq"},
+                                   {&wg.k, &mma.k, "dk"},
+                                   {&wg.v, &mma.v, "dv"}}) {
+      EXPECT_TRUE(fully_written(*got)) << name;
+      double scale = 1;
+      for (double x : to_f64(want->view)) scale = std::max(scale, std::abs(x));
+      expect_close(got->view, want->view, cap.max_abs * scale, cap.rel_l2, name);
+    }
+  }
+  if (!ran)
+    GTEST_SKIP() << "the wgmma backward does not apply here (needs sm_90a code on a 9.0 GPU)";
+}
+#endif  // CCA_WITH_CUDA
 
 // What the cuda backward cannot run is refused with an error that names the reason.
 TEST(CudaBwd, RefusesWhatItCannotRun) {

@@ -12,6 +12,7 @@
 //     dQ += dS K.
 // P and dS are rounded to the input dtype for their tensor-core products, as the forward's P.
 #include "attend_args.cuh"
+#include "attend_bwd_args.cuh"
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
 #include "kernels.hpp"
@@ -19,47 +20,6 @@
 
 namespace cca::cuda {
 namespace {
-
-using In = Rows<const uint16_t>;  // 16-bit inputs, read as T
-
-struct BwdArgs {
-  SegArgs seg[3];  // the forward's segments: core tokens, raw keys (sink), raw keys (local)
-  In q, out, dout;
-  PerQuery lse, delta;
-  Rows<float> dq, dk_core, dv_core, dk, dv;
-  int B, Hq;
-  int64_t T, m;  // queries, core tokens
-  VariantSpec variant;
-  float scale, scale_log2;
-};
-
-BwdArgs make_bwd_args(const AttendBwdProblem& p, int64_t m) {
-  BwdArgs a;
-  if (m > 0)
-    a.seg[0] = make_seg_args(
-        KvSegment{p.k_core.slice(1, 0, m), p.v_core.slice(1, 0, m), 0});
-  a.seg[1] = a.seg[2] = make_seg_args(KvSegment{p.k, p.v, 0});
-  a.q = make_rows<const uint16_t>(p.q);
-  a.out = make_rows<const uint16_t>(p.out);
-  a.dout = make_rows<const uint16_t>(p.dout);
-  a.lse = make_per_query(p.lse);
-  a.delta = make_per_query(p.delta);
-  a.dq = make_rows<float>(p.dq);
-  a.dk = make_rows<float>(p.dk);
-  a.dv = make_rows<float>(p.dv);
-  if (m > 0) {
-    a.dk_core = make_rows<float>(p.dk_core);
-    a.dv_core = make_rows<float>(p.dv_core);
-  }
-  a.B = int(p.q.shape[0]);
-  a.Hq = int(p.q.shape[2]);
-  a.T = p.q.shape[1];
-  a.m = m;
-  a.variant = p.variant;
-  a.scale = p.scale;
-  a.scale_log2 = p.scale * kLog2e;
-  return a;
-}
 
 // Rows [0, kRows) of a [kRows][D] shared tile, swizzled: row r is src + r * stride for
 // r < valid, zeros after. Every thread of the block takes part; one cp.async group is left open.
@@ -456,6 +416,10 @@ void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream) {
 void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream) {
   const BwdArgs a = make_bwd_args(p, m);
   const int64_t Hkv = p.k.shape[2], Hc = m > 0 ? p.k_core.shape[2] : 0;
+  // dK/dV and dQ on Hopper's wgmma where they apply (attend_bwd_wgmma.cu; CCA_CUDA_BWD=mma:
+  // never), else on the kernels below.
+  const bool wgmma_dkdv = launch_attend_bwd_dkdv_wgmma(p, m, stream);
+  const bool wgmma_dq = launch_attend_bwd_dq_wgmma(p, m, stream);
   dispatch_dtype_dim(p.q.dtype, p.q.shape[3], [&](auto type_tag, auto dim_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int D = decltype(dim_tag)::value;
@@ -471,12 +435,16 @@ void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream
     const int64_t core_tiles = (m + Tile::kKvBlockN - 1) / Tile::kKvBlockN;
     const int64_t raw_tiles = (a.T + Tile::kKvBlockN - 1) / Tile::kKvBlockN;
     const dim3 kv_grid(unsigned(core_tiles * Hc + raw_tiles * Hkv), unsigned(a.B));
-    dkdv<<<kv_grid, Tile::kKvThreads, Tile::kKvSmemBytes, stream>>>(a, int(core_tiles));
-    CCA_CUDA_CHECK_LAUNCH("bwd_dkdv_kernel");
+    if (!wgmma_dkdv) {
+      dkdv<<<kv_grid, Tile::kKvThreads, Tile::kKvSmemBytes, stream>>>(a, int(core_tiles));
+      CCA_CUDA_CHECK_LAUNCH("bwd_dkdv_kernel");
+    }
     const dim3 q_grid(unsigned((a.T + Tile::kDqBlockM - 1) / Tile::kDqBlockM), unsigned(a.Hq),
                       unsigned(a.B));
-    dq<<<q_grid, Tile::kDqThreads, Tile::kDqSmemBytes, stream>>>(a);
-    CCA_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+    if (!wgmma_dq) {
+      dq<<<q_grid, Tile::kDqThreads, Tile::kDqSmemBytes, stream>>>(a);
+      CCA_CUDA_CHECK_LAUNCH("bwd_dq_kernel");
+    }
   });
 }
 

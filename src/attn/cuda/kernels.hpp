@@ -35,7 +35,18 @@ void launch_pool_batch(const std::vector<PoolProblem>& problems, cudaStream_t st
 // aligned rows for the attention kernels. delta = rowsum(dout * out).
 void launch_attend_bwd_delta(const AttendBwdProblem& p, cudaStream_t stream);
 // dk/dv (and dk_core/dv_core for the first m core tokens) by key tiles, then dq by query tiles.
+// Each of dK/dV and dQ runs on Hopper's wgmma where its launch_attend_bwd_*_wgmma applies, else
+// on the mma.sync kernels of attend_bwd_kernel.cu.
 void launch_attend_bwd(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+// Hopper dK/dV and dQ (attend_bwd_wgmma.cu): launch and return true where they apply (sm_90a
+// device code on a 9.0 GPU, D 64/128, tensor maps the driver accepts, CCA_CUDA_BWD != mma);
+// return false, launching nothing, otherwise.
+bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+bool launch_attend_bwd_dq_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream_t stream);
+// Whether the environment forces the mma.sync backward (CCA_CUDA_BWD=mma; read at every call).
+bool attend_bwd_forced_mma();
+// Launches of the wgmma backward kernels so far in this process (tests: did the path run?).
+int64_t attend_bwd_wgmma_launches();
 void launch_pool_bwd(const PoolBwdProblem& p, cudaStream_t stream);
 // Shared memory of the pooling backward's blocks (PoolBwdTile::kMaxSmemBytes at most).
 int64_t pool_bwd_smem_bytes(int64_t D, int64_t nh, int64_t g, PoolMode mode);

@@ -1,0 +1,50 @@
+// Kernel-side view of an AttendBwdProblem (attend_bwd_kernel.cu, attend_bwd_wgmma.cu): raw
+// pointers and element strides, passed by value.
+#pragma once
+#include "attend_args.cuh"
+#include "device_utils.cuh"
+
+namespace cca::cuda {
+
+using In = Rows<const uint16_t>;  // 16-bit inputs, read as T
+
+struct BwdArgs {
+  SegArgs seg[3];  // the forward's segments: core tokens, raw keys (sink), raw keys (local)
+  In q, out, dout;
+  PerQuery lse, delta;
+  Rows<float> dq, dk_core, dv_core, dk, dv;
+  int B, Hq;
+  int64_t T, m;  // queries, core tokens
+  VariantSpec variant;
+  float scale, scale_log2;
+};
+
+inline BwdArgs make_bwd_args(const AttendBwdProblem& p, int64_t m) {
+  BwdArgs a;
+  if (m > 0)
+    a.seg[0] = make_seg_args(
+        KvSegment{p.k_core.slice(1, 0, m), p.v_core.slice(1, 0, m), 0});
+  a.seg[1] = a.seg[2] = make_seg_args(KvSegment{p.k, p.v, 0});
+  a.q = make_rows<const uint16_t>(p.q);
+  a.out = make_rows<const uint16_t>(p.out);
+  a.dout = make_rows<const uint16_t>(p.dout);
+  a.lse = make_per_query(p.lse);
+  a.delta = make_per_query(p.delta);
+  a.dq = make_rows<float>(p.dq);
+  a.dk = make_rows<float>(p.dk);
+  a.dv = make_rows<float>(p.dv);
+  if (m > 0) {
+    a.dk_core = make_rows<float>(p.dk_core);
+    a.dv_core = make_rows<float>(p.dv_core);
+  }
+  a.B = int(p.q.shape[0]);
+  a.Hq = int(p.q.shape[2]);
+  a.T = p.q.shape[1];
+  a.m = m;
+  a.variant = p.variant;
+  a.scale = p.scale;
+  a.scale_log2 = p.scale * kLog2e;
+  return a;
+}
+
+}  // namespace cca::cuda
