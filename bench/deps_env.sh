@@ -1,7 +1,10 @@
 # Sourced by the GPU scripts: Debian .debs carried in .deps/ (gtest, CLI11, nlohmann-json,
-# OpenBLAS, PCRE2, pkgconf) are unpacked to /opt/deps when the machine lacks them (the device
-# machine has no package access), and the build is pointed at them. Sets ORIG_LD (the library
-# path before, for Python) and PREFIX (extra CMake arguments).
+# cpp-httplib, OpenBLAS, PCRE2, pkgconf, Highway: `apt-get download libhwy-dev libhwy1`) are unpacked to
+# /opt/deps when the machine lacks them (the device machine has no package access), and the build
+# is pointed at them: CMAKE_PREFIX_PATH finds Highway's CMake package (hwy::hwy, headers in
+# /opt/deps/usr/include), and the binaries and libcca.so carry /opt/deps/usr/lib/x86_64-linux-gnu
+# in their build RUNPATH, so Python (run with ORIG_LD) loads libhwy.so.1 too. Sets ORIG_LD (the
+# library path before, for Python) and PREFIX (extra CMake arguments).
 ORIG_LD=${LD_LIBRARY_PATH:-}
 PREFIX=""
 if ls .deps/*.deb >/dev/null 2>&1; then

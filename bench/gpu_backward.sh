@@ -6,7 +6,8 @@
 # and cca_cuda_bench --bwd (kernels through the backend interface, float32 gradients), printed
 # last as one table. Run from anywhere on a machine with a GPU, nvcc and CMake; logs and JSON go
 # to $OUT (default out/gpu_backward).
-#   STAGES="build test sanitize bench" (default); QUICK=1: T = 8K and 32K only;
+#   STAGES="build test sanitize bench peers" (default); peers: bench/torch_peers.py --bwd (SDPA
+#   and FlexAttention-CCA forward+backward, same shapes) in the summary table; QUICK=1: T = 8K and 32K only;
 #   T_LIST / HEADS / TEST_FILTER / TEST_TIMEOUT override.
 #   Debian .debs in .deps/ are unpacked to /opt/deps first where the machine lacks them
 #   (bench/deps_env.sh).
@@ -14,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_backward}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test sanitize bench"}
+STAGES=${STAGES:-"build test sanitize bench peers"}
 BUILD=${BUILD_DIR:-build-gpu}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if [ -n "${QUICK:-}" ]; then T_LIST=${T_LIST:-8192,32768}; fi
@@ -22,7 +23,6 @@ T_LIST=${T_LIST:-8192,16384,32768,65536,131072}
 HEADS=${HEADS:-"32:32 32:8"}
 
 source bench/deps_env.sh
-export CCA_CUDA_BACKWARD=1  # the kernels under validation (cuda_backend.cpp refuses them otherwise)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/gpu.txt"
 
@@ -50,7 +50,7 @@ if has sanitize; then
   small="*CudaBwd.PoolBackwardMatchesRef:*CudaBwd.Float32Gradients*:Gpu/CudaBwd.MatchesRef/lminfinite*:Gpu/CudaBwd.MatchesRef/cca_g3*"
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool (small backward cases)"
-    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/cca_tests" \
+    timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/cca_tests" \
       --gtest_filter="${SANITIZE_FILTER:-$small}" >"$OUT/$tool.log" 2>&1
     echo "$tool exit $?"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|PASSED|FAILED" "$OUT/$tool.log" | head -8
@@ -71,17 +71,29 @@ if has bench; then
     "$BUILD/cca_cuda_bench" --bwd --skip-full --decode-ctx "" --ragged "" --heads "$hp" \
       --t-list "$T_LIST" | tee -a "$OUT/kernels.jsonl"
   done
+fi
+
+if has peers; then
+  echo "== peers: torch_peers.py --bwd (SDPA cuDNN/flash full causal, FlexAttention-CCA)"
+  LD_LIBRARY_PATH=$ORIG_LD python3 bench/torch_peers.py --bwd --reps 3 --t-list "$T_LIST" \
+    --heads "${HEADS// /,}" >"$OUT/peers.jsonl" 2>"$OUT/peers.log" || tail -20 "$OUT/peers.log"
+fi
+
+if has bench || has peers; then
   echo "== summary ($(head -1 "$OUT/gpu.txt"))"
   python3 - "$OUT" <<'EOF'
 import json, sys, os
 out = sys.argv[1]
-rows = [json.loads(l) for l in open(os.path.join(out, "cli.jsonl")) if l.startswith("{")]
+def jsonl(name):
+    path = os.path.join(out, name)
+    return [json.loads(l) for l in open(path) if l.startswith("{")] if os.path.exists(path) else []
+rows = jsonl("cli.jsonl")
 print("cca bench attention (whole attn_fwd / attn_bwd calls, bf16 gradients):")
 print("%-6s %7s %9s %9s %9s %9s %8s" % ("Hq:Hkv", "T", "fwd_ms", "fwd_TF/s", "bwd_ms", "bwd_TF/s", "bwd/fwd"))
 for r in rows:
     print("%-6s %7d %9.2f %9.1f %9.2f %9.1f %8.2f" % ("%d:%d" % (r["Hq"], r["Hkv"]), r["T"], r["ms"],
           r["gflops"] / 1e3, r["bwd_ms"], r["bwd_gflops"] / 1e3, r["bwd_over_fwd"]))
-ks = [json.loads(l) for l in open(os.path.join(out, "kernels.jsonl")) if l.startswith("{")]
+ks = jsonl("kernels.jsonl")
 ops = ["cca_fwd", "cca_bwd_attend", "cca_bwd_pool", "cca_bwd", "cca_fwd_bwd"]
 print("cca_cuda_bench (kernels; ms, and useful TFLOP/s where the op has FLOPs):")
 print("%-6s %7s " % ("Hq:Hkv", "T") + " ".join("%19s" % o for o in ops))
@@ -93,5 +105,20 @@ for hq, hkv, t in keys:
         cells.append("%19s" % ("%.2f ms %.0f TF/s" % (m[0]["ms"], m[0]["tflops"]) if m and m[0]["tflops"]
                                else "%.2f ms" % m[0]["ms"] if m else "-"))
     print("%-6s %7d " % ("%d:%d" % (hq, hkv), t) + " ".join(cells))
+ps = [p for p in jsonl("peers.jsonl") if "ms" in p]
+if ps:
+    print("forward+backward, same run (ms; useful TFLOP/s; x = peer time / ours):")
+    print("%-6s %7s %16s %22s %22s %22s" % ("Hq:Hkv", "T", "ours cca", "flex cca", "sdpa cudnn full",
+                                            "sdpa flash full"))
+    for hq, hkv, t in sorted({(p["Hq"], p["Hkv"], p["T"]) for p in ps} | set(keys)):
+        ours = [k for k in ks if (k["Hq"], k["Hkv"], k["T"], k["op"]) == (hq, hkv, t, "cca_fwd_bwd")]
+        o = ours[0]["ms"] if ours else None
+        cells = ["%16s" % ("%.2f %4.0fTF" % (o, ours[0]["tflops"]) if o else "-")]
+        for impl, op in (("flex", "cca_fwd_bwd"), ("sdpa_cudnn", "full_fwd_bwd"),
+                         ("sdpa_flash", "full_fwd_bwd")):
+            m = [p for p in ps if (p["impl"], p["op"], p["Hq"], p["Hkv"], p["T"]) == (impl, op, hq, hkv, t)]
+            cells.append("%22s" % ("%.2f %4.0fTF %5.2fx" % (m[0]["ms"], m[0]["tflops"], m[0]["ms"] / o)
+                                   if m and o else "%.2f" % m[0]["ms"] if m else "-"))
+        print("%-6s %7d " % ("%d:%d" % (hq, hkv), t) + " ".join(cells))
 EOF
 fi

@@ -10,7 +10,9 @@
 #           "cca" against the contract in PyTorch, training steps, CCACache decode and
 #           generate, error cases, torch.compile of the model, then python -m cca.finetune end
 #           to end and `cca logits` / `cca generate` on its output
-#   STAGES="build unit hf" (default); HF_ONLY=forward,decode,... limits hf_checks. Each stage
+#   bench   bench/hf_train_bench.py: one training step of a Llama-3-8B-shaped model (8 layers)
+#           with sdpa, cca and flex-cca at TRAIN_SEQ (default 16384,32768): tokens/s, peak memory
+#   STAGES="build unit hf" (default; bench is asked for by name); HF_ONLY=forward,decode,... limits hf_checks. Each stage
 #   fits a 10-minute call: STAGES=build, then STAGES=unit, then STAGES=hf (build-gpu is kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,6 @@ fi
 
 # Python runs with the library path it had before the carried .debs; the cca CLI with them.
 export CCA_LIBRARY="$PWD/$BUILD/libcca.so" PYTHONUNBUFFERED=1
-export CCA_CUDA_BACKWARD=1  # the cuda backward is opt-in until bench/gpu_backward.sh validates it
 printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$DEPS_LD" "$PWD/$BUILD/cca" >"$WORK/cca"
 chmod +x "$WORK/cca"
 export CCA_CLI="$WORK/cca"  # python/tests/test_train_tiny.py compares with `cca logits`
@@ -71,6 +72,16 @@ if has hf; then
   done < <(grep -E "^(PASS|FAIL|SKIP) " "$OUT/hf.log")
   [ $rc -eq 0 ] || [ -n "$(grep -E '^FAIL ' "$OUT/hf.log")" ] ||
     row FAIL "hf_checks.py" "exit $rc: $(tail -3 "$OUT/hf.log" | tr '\n' ' ')"
+fi
+
+if has bench; then
+  echo "== training step: bench/hf_train_bench.py (sdpa, cca, flex-cca)"
+  LD_LIBRARY_PATH=$ORIG_LD timeout ${BENCH_TIMEOUT:-560} python3 bench/hf_train_bench.py \
+    --seq "${TRAIN_SEQ:-16384,32768}" --json "$OUT/hf-train.json" 2>"$OUT/hf-train.log" |
+    tee "$OUT/hf-train.txt" | grep -v '^{'
+  rc=${PIPESTATUS[0]}
+  [ $rc -eq 0 ] || tail -5 "$OUT/hf-train.log"
+  row "$([ $rc -eq 0 ] && echo PASS || echo FAIL)" "training-step benchmark ran" "exit $rc"
 fi
 
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), \

@@ -6,6 +6,8 @@ Prints one JSON line per measurement, like bench/cuda_bench.cu:
   flex_cca_pool            CCA core-token pooling in plain PyTorch (softmax weights, einsum)
   flex_cca_attend          FlexAttention over [core tokens; raw keys] with a CCA block mask
   flex_cca_fwd             both (what a FlexAttention user would run)
+  --bwd: full_fwd_bwd (SDPA per backend) and flex cca_fwd_bwd (pooling + FlexAttention under
+  autograd), forward + backward with the backward counted as 2.5x the forward's useful FLOPs
   sdpa_decode              one query over the full (uncompressed) KV cache
   decode_full_cache_ragged one query per sequence of a ragged batch, SDPA per sequence over its
                            full cache (B = sequences, T = their total length)
@@ -70,6 +72,17 @@ def cca_pool_torch(q, k, v, m):
     return kc, vc
 
 
+def cca_block_mask(create_block_mask, T, m):
+    """FlexAttention block mask over [m core tokens; T raw keys] for the CCA policy."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = torch.clamp_min((q_idx + 1 - S) // G, 0)
+        core = (kv_idx < m) & (kv_idx < j)
+        p = kv_idx - m
+        raw = (kv_idx >= m) & (p >= j * G) & (p <= q_idx)
+        return core | raw
+    return create_block_mask(mask_mod, None, None, T, m + T, device="cuda", _compile=True)
+
+
 def prefill(args, flex_attention, create_block_mask):
     for hq, hkv in args.heads:
         for T in args.t_list:
@@ -95,14 +108,7 @@ def prefill(args, flex_attention, create_block_mask):
                 continue
             m = max(0, (T - S) // G)
             try:
-                def mask_mod(b, h, q_idx, kv_idx):
-                    j = torch.clamp_min((q_idx + 1 - S) // G, 0)
-                    core = (kv_idx < m) & (kv_idx < j)
-                    p = kv_idx - m
-                    raw = (kv_idx >= m) & (p >= j * G) & (p <= q_idx)
-                    return core | raw
-                bm = create_block_mask(mask_mod, None, None, T, m + T, device="cuda",
-                                       _compile=True)
+                bm = cca_block_mask(create_block_mask, T, m)
                 kc, vc = cca_pool_torch(q, k, v, m)
                 kcat, vcat = torch.cat([kc, k], dim=2), torch.cat([vc, v], dim=2)
                 pool_ms = median_ms(lambda: cca_pool_torch(q, k, v, m), reps)
@@ -123,6 +129,54 @@ def prefill(args, flex_attention, create_block_mask):
                 print(json.dumps({"impl": "flex", "op": "cca_fwd", "T": T, "Hq": hq, "Hkv": hkv,
                                   "error": str(e)[:300]}), flush=True)
             del q, k, v
+            torch.cuda.empty_cache()
+
+
+def prefill_bwd(args, flex_attention, create_block_mask):
+    """Forward + backward (issue 10): SDPA full causal per backend, and CCA as a FlexAttention
+    user writes it (PyTorch pooling + flex_attention under autograd, gradients through both).
+    Useful FLOPs: the forward's, times 3.5 (the backward counted as 2.5x the forward)."""
+    for hq, hkv in args.heads:
+        for T in args.t_list:
+            B = 1
+            gen = torch.Generator(device="cuda").manual_seed(T + hq + hkv)
+            mk = lambda h: torch.randn(B, h, T, D, device="cuda", dtype=torch.bfloat16,
+                                       generator=gen).requires_grad_()
+            q, k, v = mk(hq), mk(hkv), mk(hkv)
+            do = torch.randn(B, hq, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            reps = args.reps if T < 65536 else max(2, args.reps // 2)
+            full_flops = 3.5 * 4.0 * D * hq * B * T * (T + 1) / 2
+            for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                                  ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+                try:
+                    with sdpa_kernel([backend]):
+                        def step():
+                            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=hkv != hq)
+                            torch.autograd.grad(o, (q, k, v), do)
+                        ms = median_ms(step, reps)
+                    emit(name, "full_fwd_bwd", B, T, hq, hkv, ms, full_flops)
+                except Exception as e:
+                    print(json.dumps({"impl": name, "op": "full_fwd_bwd", "T": T, "Hq": hq,
+                                      "Hkv": hkv, "error": str(e)[:200]}), flush=True)
+            if flex_attention is not None:
+                m = max(0, (T - S) // G)
+                try:
+                    bm = cca_block_mask(create_block_mask, T, m)
+
+                    def step():
+                        a, b = cca_pool_torch(q, k, v, m)
+                        o = flex_attention(q, torch.cat([a, k], 2), torch.cat([b, v], 2),
+                                           block_mask=bm, enable_gqa=hkv != hq)
+                        torch.autograd.grad(o, (q, k, v), do)
+                    ms = median_ms(step, reps)
+                    emit("flex", "cca_fwd_bwd", B, T, hq, hkv, ms,
+                         3.5 * 4.0 * D * hq * B * visible_sum_cca(T))
+                    del bm
+                except Exception as e:
+                    print(json.dumps({"impl": "flex", "op": "cca_fwd_bwd", "T": T, "Hq": hq,
+                                      "Hkv": hkv, "error": str(e)[:300]}), flush=True)
+            del q, k, v, do
             torch.cuda.empty_cache()
 
 
@@ -181,6 +235,8 @@ def main():
     ap.add_argument("--ragged", default="131072,98304,65536,32768,16384,8192,4096,1024")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--bwd", action="store_true",
+                    help="forward+backward peers only (issue 10), no decode rows")
     args = ap.parse_args()
     args.t_list = [int(x) for x in args.t_list.split(",") if x]
     args.heads = [tuple(int(y) for y in x.split(":")) for x in args.heads.split(",")]
@@ -198,6 +254,9 @@ def main():
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = 256
         flex_attention = torch.compile(flex_attention, dynamic=False)
+    if args.bwd:
+        prefill_bwd(args, flex_attention, create_block_mask)
+        return 0
     prefill(args, flex_attention, create_block_mask)
     decode(args)
     decode_ragged(args)

@@ -12,6 +12,8 @@
 #include "model/config.hpp"
 #include "model/safetensors.hpp"
 #include "npy.hpp"
+#include "server/api.hpp"
+#include "server/chat_template.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace cca::fuzz {
@@ -173,6 +175,40 @@ int token_ids(const uint8_t* data, size_t size) {
   });
 }
 
+int server_request(const uint8_t* data, size_t size) {
+  if (size == 0) return 0;
+  const bool chat = data[0] & 1;
+  const std::string_view body = text_of(data + 1, size - 1);
+  try {
+    const server::Request r =
+        server::parse_request(chat ? server::Endpoint::chat : server::Endpoint::completions, body);
+    expect(!r.max_tokens || *r.max_tokens >= 1, "max_tokens below 1");
+    expect(r.stop.size() <= server::kMaxStops, "too many stop strings");
+    for (const std::string& st : r.stop)
+      expect(!st.empty() && st.size() <= server::kMaxStopBytes, "a stop string out of bounds");
+    expect(r.top_logprobs >= -1 && r.top_logprobs <= server::kMaxTopLogprobs, "top_logprobs");
+    expect(!r.sampling.temperature || (*r.sampling.temperature >= 0 && *r.sampling.temperature <= 100),
+           "temperature out of range");
+    expect(!r.sampling.top_p || (*r.sampling.top_p > 0 && *r.sampling.top_p <= 1), "top_p out of range");
+    if (chat) {
+      expect(r.messages.is_array() && !r.messages.empty(), "no messages");
+      static const server::ChatTemplate tpl = server::ChatTemplate::from_text(
+          "{% for m in messages %}{% if loop.first and m.role != 'system' %}<|sys|>{% endif %}"
+          "<|{{ m['role'] }}|>{{ m.content | trim }}{% if m.name is defined %}({{ m.name }}){% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+          "fuzz template", {{"bos_token", "<s>"}});
+      tpl.render(r.messages);
+    }
+  } catch (const server::ApiError& e) {
+    expect(e.status >= 400 && e.status < 600, "an error status outside 4xx/5xx");
+    if (std::strlen(e.what()) >= kMaxMessageBytes) {
+      std::fprintf(stderr, "message: %.2000s\n", e.what());
+      broken("a refusal's message is 1,000 bytes or longer");
+    }
+  }
+  return 0;
+}
+
 const std::vector<Target>& targets() {
   static const std::vector<Target> all = {
       {"npy", npy},
@@ -183,6 +219,7 @@ const std::vector<Target>& targets() {
       {"tokenizer", tokenizer},
       {"tokenizer_config", tokenizer_config},
       {"token_ids", token_ids},
+      {"server_request", server_request},
   };
   return all;
 }

@@ -19,6 +19,9 @@ int generation_config(const uint8_t* data, size_t size);  // generation_config.j
 int tokenizer(const uint8_t* data, size_t size);
 int tokenizer_config(const uint8_t* data, size_t size);   // beside a fixed tokenizer.json
 int token_ids(const uint8_t* data, size_t size);          // a --ids file
+// A cca serve request body: the first byte picks the endpoint (odd: chat, rendered with a fixed
+// template), the rest is the body.
+int server_request(const uint8_t* data, size_t size);
 
 struct Target {
   const char* name;

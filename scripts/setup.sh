@@ -8,7 +8,9 @@ packages=(
   build-essential cmake g++ pkg-config   # compiler and build system
   googletest libgtest-dev                # tests
   libcli11-dev nlohmann-json3-dev        # the cca command-line tool
+  libcpp-httplib-dev                     # cca serve (HTTP)
   libopenblas-dev libpcre2-dev          # model runtime (CPU ops), tokenizer
+  libhwy-dev                             # Google Highway: CPU vector code, run-time SIMD dispatch
   python3-torch python3-numpy           # the Python package (python/) and its tests
   "$@"
 )

@@ -23,6 +23,10 @@ inline void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 // A name of the case's parameters (letters, digits, underscores), also its random seed.
 std::string case_name(const Case& c);
 
+// The grid of test_consistency.cpp: every variant, pool and pool_heads crossed with lengths and
+// dtypes, other axes cycling pairwise (350 cases).
+std::vector<Case> make_grid();
+
 // attn_fwd of case `c` on every backend of `backends` (ref excepted) against the float64
 // reference; `ran` counts the backends that ran it (a backend whose unsupported() declines the
 // case is noted and skipped).

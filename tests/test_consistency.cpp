@@ -41,8 +41,6 @@ std::string case_name(const Case& c) {
   return name.str();
 }
 
-namespace {
-
 // The grid, in three parts.
 // 1. Short: the risky axes (variant incl. pool/pool_heads, T, dtype) crossed in full for two
 //    (g, s) settings, one with g not dividing s; T in {1, below s, not a multiple of g, several
@@ -100,6 +98,8 @@ std::vector<Case> make_grid() {
     }
   return grid;
 }
+
+namespace {
 
 // Why backend `be` does not run this case ("" if it does), asked through the backend interface
 // with the inputs where that backend wants them.
@@ -395,37 +395,26 @@ TEST(ConsistencyBackends, ListMatchesReasons) {
 }
 
 // A visible skip where no GPU is usable; where one is, every 5th grid case on cuda alone (the
-// grid also runs cuda through available_backends()), and cuda must run at least the cases of
-// its documented support (float16/bfloat16, D 64 or 128; docs/cuda.md).
-TEST(ConsistencyCuda, MatchesRef) {
+// grid also runs cuda through available_backends()), forward (`check_case`) or backward
+// (`check_grad_case`), and cuda must run at least the cases of its documented support
+// (float16/bfloat16, D 64 or 128; docs/cuda.md).
+template <typename Check>
+void cuda_matches_ref(Check check, const char* what) {
   const std::string why = backend_unavailable_reason(BackendKind::cuda);
   if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
   const std::vector<Case> grid = make_grid();
   int ran = 0, documented = 0;
   for (size_t i = 0; i < grid.size(); i += 5) {
     SCOPED_TRACE(grid[i].name);
-    check_case(grid[i], {BackendKind::cuda}, ran);
+    check(grid[i], {BackendKind::cuda}, ran);
     documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
   }
-  EXPECT_GE(ran, documented) << "cuda declined cases it documents as supported";
+  EXPECT_GE(ran, documented) << "cuda declined " << what << " cases it documents as supported";
   EXPECT_GT(ran, 0);
 }
 
-// The same for grad mode: every 5th grid case's backward on cuda alone, and cuda must run the
-// cases of its documented support (float16/bfloat16, D 64 or 128; docs/cuda.md).
-TEST(ConsistencyCuda, GradMatchesRef) {
-  const std::string why = backend_unavailable_reason(BackendKind::cuda);
-  if (!why.empty()) GTEST_SKIP() << "no CUDA GPU: " << why;
-  const std::vector<Case> grid = make_grid();
-  int ran = 0, documented = 0;
-  for (size_t i = 0; i < grid.size(); i += 5) {
-    SCOPED_TRACE(grid[i].name);
-    check_grad_case(grid[i], {BackendKind::cuda}, ran);
-    documented += grid[i].dtype != DType::f32 && (grid[i].D == 64 || grid[i].D == 128);
-  }
-  EXPECT_GE(ran, documented) << "cuda declined backward cases it documents as supported";
-  EXPECT_GT(ran, 0);
-}
+TEST(ConsistencyCuda, MatchesRef) { cuda_matches_ref(check_case, "forward"); }
+TEST(ConsistencyCuda, GradMatchesRef) { cuda_matches_ref(check_grad_case, "backward"); }
 
 }  // namespace
 }  // namespace cca::test

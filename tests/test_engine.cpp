@@ -161,6 +161,54 @@ TEST_P(EngineOnDevice, GenerateBatchMatchesSingles) {
   }
 }
 
+// chosen_logprobs after a choice: the log-softmax of that row's logits at the chosen id, and the
+// most likely tokens in order; after decode() the rows are the sequences.
+TEST_P(EngineOnDevice, ChosenLogprobsAreTheLogSoftmaxOfTheRow) {
+  const DeviceChoice d = GetParam();
+  engine::Engine e(random_model("llama"), options(d, VariantSpec::cca(16, 64), 64, 2));
+  std::vector<std::unique_ptr<engine::Sequence>> seqs;
+  std::vector<engine::Sequence*> ss;
+  for (int i = 0; i < 2; ++i) {
+    seqs.push_back(e.new_sequence(64));
+    test::feed(e, *seqs.back(), prompt(20 + 7 * i, i), [](int64_t, int64_t) {});
+    ss.push_back(seqs.back().get());
+  }
+  const std::vector<model::SamplingParams> greedy(2);
+  const std::vector<int32_t> next = e.decode(ss, std::vector<int32_t>{3, 4}, greedy);
+  const std::vector<int32_t> rows = {0, 1};
+  const auto lp = e.chosen_logprobs(rows, next, 3);
+  std::vector<float> lg;
+  e.logits(rows, lg);
+  const int64_t V = e.config().vocab_size;
+  for (int64_t r = 0; r < 2; ++r) {
+    const float* row = lg.data() + r * V;
+    const double mx = *std::max_element(row, row + V);
+    double z = 0;
+    for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
+    const double want = double(row[next[size_t(r)]]) - mx - std::log(z);
+    EXPECT_NEAR(lp[size_t(r)].logprob, want, 1e-4) << "row " << r;
+    ASSERT_EQ(lp[size_t(r)].top.size(), 3u);
+    EXPECT_EQ(lp[size_t(r)].top[0].first, next[size_t(r)]);  // greedy: the argmax
+    EXPECT_GE(lp[size_t(r)].top[0].second, lp[size_t(r)].top[1].second);
+    EXPECT_GE(lp[size_t(r)].top[1].second, lp[size_t(r)].top[2].second);
+  }
+  EXPECT_THROW(e.chosen_logprobs(std::vector<int32_t>{2}, std::vector<int32_t>{0}), Error);
+}
+
+// The stop rules of generate() and the server.
+TEST(EngineStopRules, StopIdsMaxTokensAndTheContext) {
+  const engine::StopRules r{{7, 9}, 3, 10};
+  EXPECT_STREQ(r.after_token(9, 1), "stop token");
+  EXPECT_EQ(r.after_token(5, 2), nullptr);
+  EXPECT_STREQ(r.after_token(5, 3), "max new tokens");
+  EXPECT_EQ(r.before_step(9), nullptr);
+  EXPECT_STREQ(r.before_step(10), "max context");
+  EXPECT_EQ(r.capacity(4), 7);    // prompt + max_new_tokens
+  EXPECT_EQ(r.capacity(9), 10);   // within the context
+  EXPECT_EQ(r.capacity(12), 12);  // a prompt beyond it still fits
+  EXPECT_EQ((engine::StopRules{{}, 0, 0}).capacity(5), 6);  // room for one token at least
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, EngineOnDevice, ::testing::ValuesIn(devices()),
                          [](const auto& i) { return std::string(device_name(i.param)); });
 

@@ -123,6 +123,31 @@ TEST(ModelConfig, RejectsBadConfigsByName) {
   expect_config_error("{not json", "not valid JSON");
 }
 
+// python -m cca.finetune records the attention a model was trained with as a "cca" entry.
+TEST(ModelConfig, CcaEntryGivesTheAttentionDefaults) {
+  const std::string base = R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 100,
+      "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+      "num_attention_heads": 4)";
+  const model::ModelConfig plain = model::parse_model_config(base + "}", "config.json");
+  EXPECT_TRUE(plain.attention.empty());
+  const model::ModelConfig tuned = model::parse_model_config(
+      base + R"(, "cca": {"variant": "cca", "group": 8, "window": 64, "pool": "mean",
+      "pool_heads": "query"}})",
+      "config.json");
+  ASSERT_FALSE(tuned.attention.empty());
+  EXPECT_EQ(*tuned.attention.variant, "cca");
+  EXPECT_EQ(*tuned.attention.group, 8);
+  EXPECT_EQ(*tuned.attention.window, 64);
+  EXPECT_FALSE(tuned.attention.sinks.has_value());
+  EXPECT_EQ(tuned.attention.describe(),
+            "variant=cca group=8 window=64 pool=mean pool_heads=query");
+  expect_config_error(base + R"(, "cca": {"group": 8, "windw": 64}})", "windw");
+  expect_config_error(base + R"(, "cca": {"variant": "ccaa"}})", "ccaa");
+  expect_config_error(base + R"(, "cca": {"pool": "median"}})", "median");
+  expect_config_error(base + R"(, "cca": {"group": "8"}})", "group");
+  expect_config_error(base + R"(, "cca": [16, 1024]})", "cca");
+}
+
 TEST(ModelConfig, GenerationConfigEosIntOrList) {
   auto g = model::parse_generation_config(R"({"eos_token_id": 7, "do_sample": true, "top_p": 0.9})",
                                           "g");

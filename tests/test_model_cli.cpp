@@ -175,6 +175,39 @@ TEST_F(ModelCli, InfoReportsParametersAndCacheMemory) {
   EXPECT_NE(r.out.find("139584"), std::string::npos) << r.out;
 }
 
+// A checkpoint's "cca" entry (python -m cca.finetune) sets the attention flags' defaults; a flag
+// given on the command line wins.
+TEST_F(ModelCli, FineTunedCheckpointRunsWithItsOwnAttention) {
+  const test::ModelFixture f = test::load_model_fixture("llama");
+  const std::string dir = copy_model("llama");
+  auto cfg = nlohmann::json::parse(test::read_file(dir + "/config.json"));
+  cfg["cca"] = {{"variant", "cca"}, {"group", 4}, {"window", 8}};
+  test::write_file(dir + "/config.json", cfg.dump());
+  const std::string ids = ids_file(f.prompt);  // longer than g + s, so the variants differ
+  ASSERT_GT(f.prompt.size(), 12u);
+  auto logits = [&](const std::string& model, const std::string& flags, const std::string& out) {
+    const std::string path = dir_.file(out);
+    CliRun r = cca("logits --model '" + model + "' --ids '" + ids + "' --out '" + path + "' " +
+                   flags);
+    EXPECT_EQ(r.status, 0) << r.err;
+    return std::make_pair(test::read_file(path), r.err);
+  };
+  const auto [own, own_err] = logits(dir, "", "own.npy");
+  EXPECT_NE(own_err.find("variant=cca group=4 window=8"), std::string::npos) << own_err;
+  const auto [flags, flags_err] =
+      logits(test::model_fixture_dir("llama"), "--variant cca --group 4 --window 8", "flags.npy");
+  EXPECT_EQ(own, flags) << "the entry's defaults must equal the same flags given by hand";
+  const auto [full, full_err] = logits(dir, "--variant full", "full.npy");
+  EXPECT_NE(own, full) << "--variant on the command line must win over the entry";
+  const auto [wide, wide_err] = logits(dir, "--window 1024", "wide.npy");
+  EXPECT_NE(own, wide);
+  CliRun r = cca("info --model '" + dir + "' --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["checkpoint_attention"], "variant=cca group=4 window=8");
+  r = cca("info --model '" + dir + "'");
+  EXPECT_NE(r.out.find("cca(g=4, s=8"), std::string::npos) << r.out;
+}
+
 TEST_F(ModelCli, BadInputExitsWithAClearMessage) {
   const test::ModelFixture f = test::load_model_fixture("llama");
   const std::string ids = ids_file(f.prompt);

@@ -22,6 +22,7 @@
 #include "cca/cca.hpp"
 #include "cca/device.hpp"
 #include "commands.hpp"
+#include "cpu/cpu_simd.hpp"
 #include "flag_limits.hpp"
 #include "variant_flags.hpp"
 
@@ -132,13 +133,16 @@ void run_bench_attention(const BenchArgs& a) {
   const std::string why = backend_unavailable_reason(backend);
   check(why.empty(), std::string("backend ") + backend_name(backend) + " unavailable: " + why);
   const bool gpu = backend == BackendKind::cuda;
+  // The cpu backend's SIMD target (AVX3, AVX2, ...: cca info --system).
+  const std::string backend_desc =
+      backend == BackendKind::cpu ? a.backend + " (" + cpu::simd_target() + ")" : a.backend;
 
   if (!a.json) {
     std::printf(
         "%s: backend %s, threads %s, B=%lld Hq=%lld Hkv=%lld D=%lld %s, "
         "cca g=%lld s=%lld, sliding/streaming/lminfinite window=%lld sinks=%lld, "
         "median of %d after 1 warm-up\n",
-        a.bwd ? "attn_fwd and attn_bwd" : "attn_fwd", a.backend.c_str(),
+        a.bwd ? "attn_fwd and attn_bwd" : "attn_fwd", backend_desc.c_str(),
         a.threads ? std::to_string(a.threads).c_str() : "all", (long long)a.batch,
         (long long)a.heads, (long long)a.kv_heads, (long long)a.dim, dtype_name(dt),
         (long long)a.group, (long long)a.window, (long long)a.window, (long long)a.sinks, a.reps);
@@ -248,6 +252,7 @@ void run_bench_attention(const BenchArgs& a) {
                             {"gflops", gflops},
                             {"cores_busy", cores}};
         if (!std::isnan(speedup)) j["speedup_vs_full"] = speedup;
+        if (backend == BackendKind::cpu) j["simd_target"] = cpu::simd_target();
         if (a.bwd) {
           j["bwd_ms"] = bwd_ms;
           j["bwd_gflops"] = bwd_gflops;

@@ -15,6 +15,7 @@
 #include "engine/engine.hpp"
 #include "model_cli.hpp"
 #include "progress.hpp"
+#include "tokenizer/text_stream.hpp"
 
 namespace cca {
 namespace {
@@ -29,46 +30,25 @@ struct GenerateArgs {
   bool greedy = false, ignore_eos = false, stats = false, batch = false;
 };
 
-// Greedy unless sampling is asked for (a sampling flag, or do_sample in generation_config.json);
-// sampling values come from the flags, then generation_config.json.
 model::SamplingParams sampling_params(const GenerateArgs& a, const model::GenerationConfig& gen) {
-  model::SamplingParams p;
-  p.seed = a.seed;
-  const bool asked = a.temperature || a.top_k || a.top_p;
-  p.greedy = a.greedy || !(asked || gen.do_sample) || (a.temperature && *a.temperature == 0.0);
-  p.temperature = a.temperature.value_or(gen.present ? gen.temperature : 1.0);
-  p.top_k = a.top_k.value_or(gen.present ? gen.top_k : 0);
-  p.top_p = a.top_p.value_or(gen.present ? gen.top_p : 1.0);
-  p.validate();
-  return p;
+  return model::resolve_sampling({a.temperature, a.top_p, a.top_k, a.seed, a.greedy}, gen);
 }
 
-// Streams decoded text: prints the new part of decode(all generated ids) each step, holding back
-// trailing U+FFFDs (an incomplete UTF-8 sequence that later byte tokens may complete).
+// Streams decoded text to stdout as it becomes final (tok::TextStream).
 class TextStream {
  public:
-  explicit TextStream(const TextTokenizer& tok) : tok_(tok) {}
-  void add(int32_t id) {
-    ids_.push_back(id);
-    emit(false);
-  }
-  void finish() { emit(true); }
+  explicit TextStream(const TextTokenizer& tok)
+      : stream_([&tok](const std::vector<int32_t>& ids) { return tok.decode(ids, true); }) {}
+  void add(int32_t id) { print(stream_.add(id)); }
+  void finish() { print(stream_.finish()); }
 
  private:
-  void emit(bool final) {
-    std::string text = tok_.decode(ids_, true);
-    static const std::string kReplacement = "\xEF\xBF\xBD";
-    size_t end = text.size();
-    while (!final && end >= printed_ + 3 && text.compare(end - 3, 3, kReplacement) == 0) end -= 3;
-    if (end > printed_) {
-      std::fwrite(text.data() + printed_, 1, end - printed_, stdout);
-      std::fflush(stdout);
-      printed_ = end;
-    }
+  static void print(const std::string& text) {
+    if (text.empty()) return;
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
   }
-  const TextTokenizer& tok_;
-  model::TokenIds ids_;
-  size_t printed_ = 0;
+  tok::TextStream stream_;
 };
 
 // The prompts of a run: one, or with --batch one per line of the file (a .jsonl file: one
@@ -191,7 +171,7 @@ void run_generate(const GenerateArgs& a) {
   if (limit > 0) plan = std::min(plan, std::max(limit, longest));
 
   const int64_t batch = int64_t(prompts.size());
-  engine::Engine eng(a.run.model, a.run.engine_options(plan, batch));
+  engine::Engine eng(a.run.model, a.run.for_model(cfg).engine_options(plan, batch));
   if (!eng.device_plan().note.empty())
     std::fprintf(stderr, "cca: %s\n", eng.device_plan().note.c_str());
   std::vector<engine::GenerateRequest> reqs(prompts.size());

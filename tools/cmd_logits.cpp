@@ -37,7 +37,7 @@ void run_logits(const LogitsArgs& a) {
         "the logits of " + std::to_string(keep) + " rows x " + std::to_string(V) +
             " tokens are too large for one array: pass --rows N for the last N positions");
 
-  engine::Engine eng(a.run.model, a.run.engine_options(n));
+  engine::Engine eng(a.run.model, a.run.for_model(cfg).engine_options(n));
   if (!eng.device_plan().note.empty())
     std::fprintf(stderr, "cca: %s\n", eng.device_plan().note.c_str());
   auto seq = eng.new_sequence(n);

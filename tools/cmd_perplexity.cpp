@@ -44,7 +44,7 @@ void run_perplexity(const PerplexityArgs& a) {
       a.ctx > 0 ? std::min<int64_t>(a.ctx, int64_t(ids.size())) : int64_t(ids.size());
   engine::check_prompt_length(window, a.run.context_limit(cfg), cfg);
 
-  engine::Engine eng(a.run.model, a.run.engine_options(window));
+  engine::Engine eng(a.run.model, a.run.for_model(cfg).engine_options(window));
   if (!eng.device_plan().note.empty())
     std::fprintf(stderr, "cca: %s\n", eng.device_plan().note.c_str());
   ProgressBar bar("perplexity", int64_t(ids.size()),

@@ -19,6 +19,7 @@ void register_perplexity_command(CLI::App& app);  // cmd_perplexity.cpp
 void register_info_command(CLI::App& app);        // cmd_info.cpp
 void register_logits_command(CLI::App& app);      // cmd_logits.cpp
 void register_tokenize_command(CLI::App& app);    // cmd_tokenize.cpp
+void register_serve_command(CLI::App& app);       // cmd_serve.cpp
 // cmd_bench_model.cpp: `bench model`; register after register_bench_command.
 void register_bench_model_command(CLI::App& app);
 

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   cca::register_info_command(app);
   cca::register_logits_command(app);
   cca::register_tokenize_command(app);
+  cca::register_serve_command(app);
   cca::register_bench_model_command(app);  // adds `model` under `bench`
   try {
     app.parse(argc, argv);

@@ -41,6 +41,27 @@ int64_t ModelRunFlags::context_limit(const model::ModelConfig& cfg) const {
   return max_context > 0 ? max_context : cfg.max_position_embeddings;
 }
 
+ModelRunFlags ModelRunFlags::for_model(const model::ModelConfig& cfg) const {
+  ModelRunFlags r = *this;
+  const model::AttentionDefaults& d = cfg.attention;
+  bool changed = false;
+  auto adopt = [&](const CLI::Option* opt, auto& field, const auto& value) {
+    if (!value || (opt && opt->count() > 0) || field == *value) return;
+    field = *value;
+    changed = true;
+  };
+  adopt(variant_opt, r.variant, d.variant);
+  adopt(group_opt, r.group, d.group);
+  adopt(window_opt, r.window, d.window);
+  adopt(sinks_opt, r.sinks, d.sinks);
+  adopt(pool_opt, r.pool, d.pool);
+  adopt(pool_heads_opt, r.pool_heads, d.pool_heads);
+  if (changed)
+    std::fprintf(stderr, "cca: attention from the model's config.json (\"cca\": %s)\n",
+                 d.describe().c_str());
+  return r;
+}
+
 void add_model_flags(CLI::App* cmd, ModelRunFlags& f, bool run) {
   cmd->add_option("--model", f.model, "Hugging Face model directory (config.json, *.safetensors)")
       ->required();
@@ -106,6 +127,8 @@ std::string TextTokenizer::decode(const model::TokenIds& ids, bool skip_special)
 int32_t TextTokenizer::eos_id() const { return impl_->tok.eos_id().value_or(-1); }
 
 bool TextTokenizer::has_token(int32_t id) const { return impl_->tok.has_token(id); }
+
+const tok::Tokenizer& TextTokenizer::tokenizer() const { return impl_->tok; }
 
 std::string read_input_file(const std::string& path, const std::string& flag) {
   std::error_code ec;

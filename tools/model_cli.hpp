@@ -17,6 +17,9 @@ class App;
 }
 
 namespace cca {
+namespace tok {
+class Tokenizer;
+}
 
 struct ModelRunFlags : VariantFlags {
   std::string model;
@@ -37,6 +40,10 @@ struct ModelRunFlags : VariantFlags {
   // The context limit in tokens (0 = none): --allow-long-prompt, else --max-context, else the
   // model's max_position_embeddings.
   int64_t context_limit(const model::ModelConfig& cfg) const;
+  // These flags for the model of `cfg`: each attention flag not given on the command line takes
+  // the value of the checkpoint's "cca" entry (cfg.attention), where it has one. Says so on
+  // stderr once when it changes anything.
+  ModelRunFlags for_model(const model::ModelConfig& cfg) const;
 };
 
 // --model (required), --device, --dtype, --kv-dtype and the variant parameters (--group --window
@@ -58,6 +65,7 @@ class TextTokenizer {
   std::string decode(const model::TokenIds& ids, bool skip_special) const;
   int32_t eos_id() const;  // -1 when the tokenizer names none
   bool has_token(int32_t id) const;  // false for ids decode() drops (none of its tokens)
+  const tok::Tokenizer& tokenizer() const;
 
  private:
   struct Impl;

@@ -8,6 +8,7 @@
 
 namespace CLI {
 class App;
+class Option;
 }
 
 namespace cca {
@@ -22,6 +23,11 @@ struct VariantFlags {
 
   VariantSpec spec() const;                      // the --variant, validated
   VariantSpec spec_for(VariantKind kind) const;  // another variant with these parameters
+
+  // The flags as parsed (add_variant_flags sets them; null where a command lacks the flag):
+  // what was given on the command line wins over a checkpoint's defaults.
+  const CLI::Option *variant_opt = nullptr, *group_opt = nullptr, *window_opt = nullptr,
+                    *sinks_opt = nullptr, *pool_opt = nullptr, *pool_heads_opt = nullptr;
 };
 
 // Adds --group --window --sinks --pool --pool-heads, and --variant when `with_variant`.

@@ -9,7 +9,7 @@ Loads the Hugging Face checkpoint in DIR (Llama, Mistral or Qwen2) with attn_imp
 master weights (--precision), gradient checkpointing, a linear warm-up then a constant learning
 rate, and gradient clipping; logs loss, learning rate, tokens/s and peak memory; saves OUT in the
 Hugging Face layout (config.json with a `cca` entry recording g and s, model.safetensors, the
-tokenizer files) that `cca generate --model OUT --variant cca --group G --window S` runs.
+tokenizer files) that `cca generate --model OUT` runs with its own g and s.
 
 Data (nothing is downloaded): plain text (*.txt, any other name: one document, tokenized with
 the checkpoint's tokenizer), JSON lines (*.jsonl: objects with a "text" string or an
@@ -298,8 +298,7 @@ def run(args):
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"cca.finetune: saved {args.out}; run it with:\n  cca generate --model {args.out} "
-          f"--variant cca --group {args.group} --window {args.window} --pool {args.pool} "
-          f"--pool-heads {args.pool_heads} --prompt '...'", flush=True)
+          f"--prompt '...'   (its config.json's \"cca\" entry sets the attention)", flush=True)
 
 
 def train(args, torch, model, opt, sched, data, device, precision, tokens_per_step, log):

@@ -13,7 +13,8 @@ head dim 64 in bfloat16 on the GPU (float32 on the CPU):
   gradients   parameter gradients of the LM loss against the contract's
   train       a few AdamW steps on a fixed batch lower the loss
   decode      CCACache: teacher-forced decoding step by step gives the full forward's logits,
-              greedy generate() equals generate(use_cache=False), and with s >= T equals sdpa
+              greedy generate() equals generate(use_cache=False) (a differing token only where
+              the top two logits tie within the tolerance), and with s >= T equals sdpa
   errors      left padding, decoding through a DynamicCache, an unsupported head dim
   compile     torch.compile(fullgraph=True) of the model: loss and gradients as eager
   finetune    python -m cca.finetune on a text file: the loss goes down, the output is a HF
@@ -203,10 +204,18 @@ def decode_checks(args):
             kw = {} if other_cache else {"use_cache": False}
             theirs = other.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32,
                                     **kw)
-        same = torch.equal(ours, theirs)
-        diff = (ours != theirs).nonzero()
-        where = "" if same else f", first difference at new token {int(diff[0, 1]) - 100}"
-        return same, f"32 greedy tokens {'equal' if same else 'differ'}{where}"
+        if torch.equal(ours, theirs):
+            return True, "32 greedy tokens equal"
+        # In 16-bit arithmetic two ways of computing the same function may pick different
+        # tokens where the top two logits nearly tie. Accepted only then: at the first
+        # difference, the other path's logits for the two tokens are within the decode tolerance.
+        pos = int((ours != theirs).nonzero()[0, 1])
+        with torch.no_grad():
+            logits = other(input_ids=ours[:, :pos], use_cache=False).logits[0, -1].float()
+        a, b = int(ours[0, pos]), int(theirs[0, pos])
+        gap = float((logits[a] - logits[b]).abs() / logits.abs().max())
+        return gap <= tol, (f"first difference at new token {pos - ids.shape[1]}: tokens {a} vs "
+                            f"{b}, logit gap {gap:.1e} of the largest logit (a tie if <= {tol:g})")
 
     check("decode teacher-forced (CCACache)", teacher_forced)
     check("generate CCACache = generate(use_cache=False)",

@@ -7,7 +7,7 @@ namespace cca {
 namespace {
 [[noreturn]] void no_cuda(const char* what) {
   throw Error(std::string(what) +
-              ": this build has no CUDA backend (nvcc was not found when it was configured)");
+              ": this build has no CUDA backend (configured with -DCCA_CUDA=OFF, or nvcc was not found)");
 }
 }  // namespace
 

@@ -30,7 +30,7 @@ std::string backend_unavailable_reason(BackendKind b) {
 #ifdef CCA_WITH_CUDA
   return cuda::unavailable_reason();
 #else
-  return "this build has no CUDA backend (nvcc was not found when it was configured)";
+  return "this build has no CUDA backend (configured with -DCCA_CUDA=OFF, or nvcc was not found)";
 #endif
 }
 

@@ -186,16 +186,21 @@ int64_t Engine::peak_memory_bytes() const {
   return int64_t(u.ru_maxrss) * 1024;
 }
 
-std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) const {
+int64_t Engine::sequence_cache_bytes(int64_t max_tokens) const {
+  const model::ModelConfig& c = config();
+  if (device() != Device::cuda) return kv_cache_bytes(c, opt_.variant, max_tokens, dtype_size(kv_dtype_));
+  return c.num_layers * kv_cache_capacity_bytes(opt_.variant, 1, c.num_heads, c.num_kv_heads,
+                                                c.head_dim, kv_dtype_, {max_tokens, opt_.chunk});
+}
+
+std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) {
   check(max_tokens >= 1, "a sequence needs room for at least one token");
   auto s = std::make_unique<Sequence>();
+  s->serial_ = ++next_serial_;
   const bool fixed = device() == Device::cuda;
   s->capacity_ = fixed ? max_tokens : 0;
   if (fixed) {
-    const model::ModelConfig& c = config();
-    const int64_t need = c.num_layers * kv_cache_capacity_bytes(opt_.variant, 1, c.num_heads,
-                                                                c.num_kv_heads, c.head_dim,
-                                                                kv_dtype_, {max_tokens, opt_.chunk});
+    const int64_t need = sequence_cache_bytes(max_tokens);
     int64_t free_b = 0, total_b = 0;
     ctx_->memory_info(&free_b, &total_b);
     check(need <= free_b, "not enough GPU memory for the caches of a " +
@@ -211,6 +216,7 @@ std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) const {
 
 void Engine::step(std::span<Sequence* const> seqs, std::span<const TokenIds* const> tokens) {
   last_decode_.clear();
+  chosen_rows_ = 0;
   run_step(seqs, tokens, false);
   note_peak_memory();
 }
@@ -280,7 +286,41 @@ std::vector<int32_t> Engine::choose(std::span<const int32_t> rows,
   ctx_->upload(acts_->sample_counters, acts_->host_counters, m * 4);
   queue_choice(m, sp, acts_->sample_counters);
   ctx_->synchronize();
+  chosen_rows_ = m;
   return std::vector<int32_t>(acts_->host_next, acts_->host_next + m);
+}
+
+std::vector<Engine::TokenLogprob> Engine::chosen_logprobs(std::span<const int32_t> choice_rows,
+                                                          std::span<const int32_t> ids, int top) {
+  check(choice_rows.size() == ids.size(), "chosen_logprobs: one id per row");
+  const int64_t V = config().vocab_size;
+  std::vector<float> row(static_cast<size_t>(V));
+  std::vector<TokenLogprob> out;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int32_t r = choice_rows[i];
+    check(r >= 0 && r < chosen_rows_, "chosen_logprobs: a row the last choice did not have");
+    check(ids[i] >= 0 && ids[i] < V, "chosen_logprobs: an id outside the vocabulary");
+    ctx_->download(row.data(), static_cast<const float*>(acts_->logits.data) + int64_t(r) * V,
+                   V * 4);
+    const float mx = *std::max_element(row.begin(), row.end());
+    double sum = 0;
+    for (const float x : row) sum += std::exp(double(x) - double(mx));
+    const double lse = double(mx) + std::log(sum);
+    TokenLogprob t;
+    t.logprob = float(double(row[size_t(ids[i])]) - lse);
+    const int64_t k = std::clamp<int64_t>(top, 0, V);
+    if (k > 0) {
+      std::vector<int32_t> order(static_cast<size_t>(V));
+      for (int64_t v = 0; v < V; ++v) order[size_t(v)] = int32_t(v);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+        return row[size_t(a)] > row[size_t(b)] || (row[size_t(a)] == row[size_t(b)] && a < b);
+      });
+      for (int64_t j = 0; j < k; ++j)
+        t.top.emplace_back(order[size_t(j)], float(double(row[size_t(order[size_t(j)])]) - lse));
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
 }
 
 std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
@@ -297,7 +337,8 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
   bool replayable = device() == Device::cuda && opt_.cuda_graphs && !opt_.profile;
   for (Sequence* s : seqs)
     for (const KvCache& c : s->caches_) replayable = replayable && c.next_step_replayable();
-  const std::vector<Sequence*> batch(seqs.begin(), seqs.end());
+  std::vector<uint64_t> batch;
+  for (const Sequence* s : seqs) batch.push_back(s->serial_);
   const bool greedy = all_greedy(sampling);
   std::vector<TokenIds> tok(static_cast<size_t>(S));
   std::vector<const TokenIds*> tp;
@@ -323,6 +364,7 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
       ++s->length_;
     }
     step_rows_ = S;
+    chosen_rows_ = S;
     ++graph_replays_;
   } else {
     drop_graph();
@@ -346,6 +388,7 @@ std::vector<int32_t> Engine::decode(std::span<Sequence* const> seqs,
       ++graph_captures_;
     }
     last_decode_ = batch;
+    chosen_rows_ = S;
   }
   ctx_->synchronize();
   note_peak_memory();
@@ -397,25 +440,23 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
 
   std::vector<bool> active(S, false);
   std::vector<int32_t> last(S, 0);
+  std::vector<StopRules> rules(S);
+  for (size_t i = 0; i < S; ++i)
+    rules[i] = {requests[i].stop_ids, requests[i].max_new_tokens, max_context};
   // Takes `id` as sequence i's next token; false when the sequence stops with it.
   auto emit = [&](size_t i, int32_t id) {
     res[i].tokens.push_back(id);
     if (cb.token) cb.token(int64_t(i), id);
-    const auto& stop = requests[i].stop_ids;
-    if (std::find(stop.begin(), stop.end(), int64_t(id)) != stop.end()) {
-      res[i].stop_reason = "stop token";
-      return false;
-    }
-    if (int64_t(res[i].tokens.size()) >= requests[i].max_new_tokens) {
-      res[i].stop_reason = "max new tokens";
+    if (const char* why = rules[i].after_token(id, int64_t(res[i].tokens.size()))) {
+      res[i].stop_reason = why;
       return false;
     }
     return true;
   };
   // True when sequence i may take another token (the context limit).
   auto room = [&](size_t i) {
-    if (max_context > 0 && seqs[i]->length() >= max_context) {
-      res[i].stop_reason = "max context";
+    if (const char* why = rules[i].before_step(seqs[i]->length())) {
+      res[i].stop_reason = why;
       return false;
     }
     return true;
@@ -425,9 +466,7 @@ std::vector<GenerateResult> Engine::generate(std::span<const GenerateRequest> re
     const GenerateRequest& r = requests[i];
     res[i].prompt_tokens = int64_t(r.prompt.size());
     res[i].stop_reason = "max new tokens";
-    int64_t cap = res[i].prompt_tokens + std::max<int64_t>(r.max_new_tokens, 1);
-    if (max_context > 0) cap = std::min(cap, std::max(max_context, res[i].prompt_tokens));
-    seqs[i] = new_sequence(cap);
+    seqs[i] = new_sequence(rules[i].capacity(res[i].prompt_tokens));
     const int32_t first = prefill(*seqs[i], r.prompt, r.sampling, [&](int64_t d) {
       if (cb.prefill_progress) cb.prefill_progress(done_prompt + d, total_prompt);
     });
@@ -535,6 +574,23 @@ NllResult Engine::perplexity(const TokenIds& ids, int64_t ctx,
     }
   }
   return res;
+}
+
+const char* StopRules::after_token(int32_t id, int64_t generated) const {
+  if (std::find(stop_ids.begin(), stop_ids.end(), int64_t(id)) != stop_ids.end())
+    return "stop token";
+  if (generated >= max_new_tokens) return "max new tokens";
+  return nullptr;
+}
+
+const char* StopRules::before_step(int64_t length) const {
+  return max_context > 0 && length >= max_context ? "max context" : nullptr;
+}
+
+int64_t StopRules::capacity(int64_t prompt_tokens) const {
+  int64_t cap = prompt_tokens + std::max<int64_t>(max_new_tokens, 1);
+  if (max_context > 0) cap = std::min(cap, std::max(max_context, prompt_tokens));
+  return cap;
 }
 
 void check_prompt_length(int64_t tokens, int64_t limit, const model::ModelConfig& cfg) {

@@ -70,6 +70,9 @@ class Sequence {
   friend class Engine;
   std::vector<KvCache> caches_;
   int64_t length_ = 0, capacity_ = 0;
+  // Unique per engine: a captured decode graph names its batch by serials, not addresses (a
+  // sequence freed mid-run may leave its address to a new one with other cache buffers).
+  uint64_t serial_ = 0;
 };
 
 struct GenerateRequest {
@@ -77,6 +80,24 @@ struct GenerateRequest {
   model::SamplingParams sampling;
   int64_t max_new_tokens = 128;
   std::vector<int64_t> stop_ids;  // generation ends after emitting one of these
+};
+
+// The stop rules of one generation, shared by generate() and the server's scheduler: a stop id
+// ends it after that token, max_new_tokens after that many tokens, and the context limit
+// (max_context > 0) before a step would take the caches past it.
+struct StopRules {
+  std::vector<int64_t> stop_ids;
+  int64_t max_new_tokens = 128;
+  int64_t max_context = 0;
+  // After the sequence took its `generated`-th new token `id`: why it stops ("stop token",
+  // "max new tokens"), or nullptr when it goes on.
+  const char* after_token(int32_t id, int64_t generated) const;
+  // Before a step feeds the sequence's last token, with `length` tokens in its caches: "max
+  // context" when the limit is reached, else nullptr.
+  const char* before_step(int64_t length) const;
+  // Tokens the caches of a sequence with this prompt can ever hold under these rules (its
+  // capacity: the prompt plus max_new_tokens, at least one, within the context limit).
+  int64_t capacity(int64_t prompt_tokens) const;
 };
 
 struct GenerateResult {
@@ -143,7 +164,11 @@ class Engine {
 
   // A sequence whose caches hold up to `max_tokens` (GPU: allocated now, at that fixed capacity;
   // cpu: the caches grow). cca::Error naming the bytes when they do not fit.
-  std::unique_ptr<Sequence> new_sequence(int64_t max_tokens) const;
+  std::unique_ptr<Sequence> new_sequence(int64_t max_tokens);
+  // The cache bytes a sequence of up to `max_tokens` takes: on the GPU what new_sequence
+  // allocates (every layer at fixed capacity); on the CPU what its caches hold at max_tokens
+  // (kv_cache_bytes), as the memory check counts them.
+  int64_t sequence_cache_bytes(int64_t max_tokens) const;
 
   // One step: sequence seqs[i] receives tokens[i] (together at most chunk() tokens, at most
   // max_batch() sequences). Sequences given one token each attend in one batched call.
@@ -155,6 +180,17 @@ class Engine {
   std::vector<int32_t> choose(std::span<const int32_t> rows,
                               std::span<const model::SamplingParams> sampling,
                               std::span<const int32_t> counters);
+
+  // After choose() or decode(): the log-probability of ids[i] under row choice_rows[i] of that
+  // choice (its i-th row: choose()'s rows, decode()'s sequences), from the log-softmax of the
+  // raw logits (before temperature, top-k or top-p), with the `top` most likely tokens of each
+  // row and theirs (most likely first, the lower id first among equals).
+  struct TokenLogprob {
+    float logprob = 0;
+    std::vector<std::pair<int32_t, float>> top;
+  };
+  std::vector<TokenLogprob> chosen_logprobs(std::span<const int32_t> choice_rows,
+                                            std::span<const int32_t> ids, int top = 0);
 
   // One decode step: seqs[i] takes tokens[i]; returns the next token of each, chosen with
   // sampling[i] (the draw counted by the token's position). On the GPU (cuda_graphs) the whole
@@ -197,15 +233,17 @@ class Engine {
   DevicePlan device_plan_;
   MemoryPlan plan_;
   int64_t step_rows_ = 0;  // rows of the last step
+  int64_t chosen_rows_ = 0;  // logits rows of the last choose() or decode()
+  uint64_t next_serial_ = 0;
   int64_t peak_device_ = 0;
   // The captured decode step: its sequences (in order) and whether it ends in the argmax.
   struct DecodeGraph {
-    std::vector<Sequence*> seqs;
+    std::vector<uint64_t> seqs;  // serials
     bool greedy = true;
     void* exec = nullptr;
   };
   DecodeGraph graph_;
-  std::vector<Sequence*> last_decode_;  // the batch of the last eager decode step
+  std::vector<uint64_t> last_decode_;  // the batch (serials) of the last eager decode step
   int64_t graph_replays_ = 0, graph_captures_ = 0;
   Breakdown breakdown_;
   void drop_graph();

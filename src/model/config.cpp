@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "cca/error.hpp"
+#include "cca/variant.hpp"
 
 namespace cca::model {
 namespace {
@@ -145,7 +146,63 @@ RopeConfig parse_rope(const Json& top, const std::string& source) {
   return r;
 }
 
+// config.json's "cca" entry. An unknown key is an error rather than ignored: it would change
+// the attention the model was trained with.
+AttentionDefaults parse_attention_defaults(const Json& top, const std::string& source) {
+  AttentionDefaults a;
+  const Json& e = Fields(top, source).object_or_null("cca");
+  if (e.is_null()) return a;
+  const std::string where = source + ": entry \"cca\"";
+  for (const auto& item : e.items()) {
+    const std::string& k = item.key();
+    check(k == "variant" || k == "group" || k == "window" || k == "sinks" || k == "pool" ||
+              k == "pool_heads",
+          where + ": unknown key " + excerpt(k) +
+              " (expected variant, group, window, sinks, pool, pool_heads)");
+  }
+  const Fields f(e, where);
+  auto name = [&](const char* key, auto parse) -> std::optional<std::string> {
+    if (!f.has(key)) return std::nullopt;
+    const std::string v = f.string_or(key, "");
+    try {
+      parse(v);
+    } catch (const Error& err) {
+      throw Error(where + ": " + excerpt(err.what(), 200));
+    }
+    return v;
+  };
+  a.variant = name("variant", parse_variant);
+  a.pool = name("pool", parse_pool);
+  a.pool_heads = name("pool_heads", parse_pool_heads);
+  auto integer = [&](const char* key) -> std::optional<int64_t> {
+    if (!f.has(key)) return std::nullopt;
+    return f.integer_or(key, 0);
+  };
+  a.group = integer("group");
+  a.window = integer("window");
+  a.sinks = integer("sinks");
+  return a;
+}
+
 }  // namespace
+
+bool AttentionDefaults::empty() const {
+  return !variant && !pool && !pool_heads && !group && !window && !sinks;
+}
+
+std::string AttentionDefaults::describe() const {
+  std::string s;
+  auto add = [&](const char* key, const std::string& v) {
+    s += (s.empty() ? "" : " ") + std::string(key) + "=" + v;
+  };
+  if (variant) add("variant", *variant);
+  if (group) add("group", std::to_string(*group));
+  if (window) add("window", std::to_string(*window));
+  if (sinks) add("sinks", std::to_string(*sinks));
+  if (pool) add("pool", *pool);
+  if (pool_heads) add("pool_heads", *pool_heads);
+  return s;
+}
 
 const char* arch_name(Arch a) {
   switch (a) {
@@ -219,6 +276,7 @@ ModelConfig parse_model_config(const std::string& text, const std::string& sourc
   c.tie_word_embeddings = f.boolean_or("tie_word_embeddings", false);
   c.bos_token_id = f.integer_or("bos_token_id", -1);
   c.eos_token_ids = f.int_list_or_empty("eos_token_id");
+  c.attention = parse_attention_defaults(j, source);
 
   switch (c.arch) {
     case Arch::llama:

@@ -2,6 +2,7 @@
 // a Llama-family decoder needs. LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,17 @@ struct RopeConfig {
   std::string describe() const;
 };
 
+// The attention a checkpoint was fine-tuned with: config.json's "cca" entry (written by
+// `python -m cca.finetune`), any of variant, group, window, sinks, pool, pool_heads. The model
+// commands take it as the defaults of their attention flags (a flag given on the command line
+// wins). Names are checked when parsed; values when the variant is built.
+struct AttentionDefaults {
+  std::optional<std::string> variant, pool, pool_heads;
+  std::optional<int64_t> group, window, sinks;
+  bool empty() const;
+  std::string describe() const;  // the fields set, e.g. "variant=cca group=16 window=64"
+};
+
 struct ModelConfig {
   Arch arch = Arch::llama;
   int64_t vocab_size = 0;
@@ -43,6 +55,7 @@ struct ModelConfig {
   int64_t sliding_window = 0;          // Mistral/Qwen2 checkpoint's own sliding window; 0 = none
   std::vector<int64_t> eos_token_ids;  // from config.json (generation_config.json overrides)
   int64_t bos_token_id = -1;
+  AttentionDefaults attention;  // empty without a "cca" entry
 
   // Throws cca::Error naming the first inconsistent field or a size beyond its limit (the
   // limits, far above any real model's, bound what is allocated before the checkpoint is

@@ -33,34 +33,4 @@ Rope::Rope(const RopeConfig& cfg, int64_t head_dim)
   }
 }
 
-void Rope::tables(int64_t pos0, int64_t n, float* cos, float* sin) const {
-  const int64_t half = D_ / 2;
-  for (int64_t r = 0; r < n; ++r) {
-    const float pos = float(pos0 + r);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = inv_freq_[size_t(i)] * pos;  // float32 product, as HF's matmul
-      cos[r * half + i] = float(std::cos(double(angle)));
-      sin[r * half + i] = float(std::sin(double(angle)));
-    }
-  }
-}
-
-// x [n, heads, D] with rows `row_stride` apart.
-void Rope::apply(float* x, int64_t n, int64_t heads, int64_t row_stride, const float* cos,
-                 const float* sin) const {
-  const int64_t half = D_ / 2;
-  for (int64_t r = 0; r < n; ++r) {
-    const float* c = cos + r * half;
-    const float* s = sin + r * half;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + r * row_stride + h * D_;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c[i] - b * s[i];
-        v[i + half] = b * c[i] + a * s[i];
-      }
-    }
-  }
-}
-
 }  // namespace cca::model

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "cca/error.hpp"
+#include "model/config.hpp"
 
 namespace cca::model {
 
@@ -20,6 +21,18 @@ void SamplingParams::validate() const {
     bad("--temperature", temperature, "must be > 0 (use --greedy for argmax)");
   if (top_k < 0) bad("--top-k", double(top_k), "must be >= 0 (0 = off)");
   if (!(top_p > 0 && top_p <= 1)) bad("--top-p", top_p, "must be in (0, 1]");
+}
+
+SamplingParams resolve_sampling(const SamplingRequest& a, const GenerationConfig& gen) {
+  SamplingParams p;
+  p.seed = a.seed;
+  const bool asked = a.temperature || a.top_k || a.top_p;
+  p.greedy = a.greedy || !(asked || gen.do_sample) || (a.temperature && *a.temperature == 0.0);
+  p.temperature = a.temperature.value_or(gen.present ? gen.temperature : 1.0);
+  p.top_k = a.top_k.value_or(gen.present ? gen.top_k : 0);
+  p.top_p = a.top_p.value_or(gen.present ? gen.top_p : 1.0);
+  p.validate();
+  return p;
 }
 
 int32_t argmax(std::span<const float> logits) {

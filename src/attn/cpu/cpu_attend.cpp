@@ -15,9 +15,18 @@
 //
 // Cost model at T = 16384, Hq = 8, D = 64 (issue 2 target): useful FLOPs of full causal
 // 4 D Hq T(T+1)/2 = 275 GFLOP; cca g=16 s=1024 48.6 GFLOP (each query sees ~t/16 + 1032 keys),
-// 5.66x less work; pooling reads K and V once (~0.05 GFLOP). The AVX-512 kernel keeps 6 x 4
-// accumulator vectors (24 FMAs per 4 loads + 6 broadcasts); peak is 2 FMA/cycle x 16 lanes x 2 =
-// 64 FLOP/cycle/core. Measured results and the tuning history: docs/perf.md.
+// 5.66x less work; pooling reads K and V once (~0.05 GFLOP). The tile product keeps 6 x 4
+// accumulator vectors on AVX-512 (24 FMAs per 4 loads + 6 broadcasts; peak 2 FMA/cycle x 16
+// lanes x 2 = 64 FLOP/cycle/core on a 512-bit FMA core) and 6 x 2 on AVX2 (16 registers).
+// Measured results and the tuning history: docs/perf.md.
+//
+// SIMD targets. The tile code (namespace HWY_NAMESPACE) is compiled once per target by
+// hwy/foreach_target.h, which re-includes this file; attend() runs the OpenMP loop once and calls
+// the chosen target's attend_tile for each item.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/cpu_attend.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -28,12 +37,16 @@
 #include "cca/error.hpp"
 #include "cpu_ops.hpp"
 #include "cpu_simd.hpp"
+#include "cpu_tile-inl.h"
 #include "cpu_tile.hpp"
+#include "simd-inl.h"
 
+#ifndef CCA_CPU_ATTEND_TILE_STATE
+#define CCA_CPU_ATTEND_TILE_STATE
 namespace cca::cpu {
 namespace {
 
-// Per-thread scratch of one query tile.
+// Per-thread scratch of one query tile (the same layout on every target).
 struct TileState {
   int64_t D = 0;
   float* qt = nullptr;     // [D][kBlockM] queries, scaled by scale * log2 e
@@ -63,6 +76,14 @@ struct TileState {
   }
 };
 
+}  // namespace
+}  // namespace cca::cpu
+#endif  // CCA_CPU_ATTEND_TILE_STATE
+
+HWY_BEFORE_NAMESPACE();
+namespace cca::cpu::HWY_NAMESPACE {
+namespace {
+
 // One key block [k0, k0 + nk) of a segment for the tile in `ts`. `lo`/`hi`: each query's visible
 // range in this segment (empty for padding columns), used only when `masked`.
 void attend_block(TileState& ts, const SegmentRows& seg, int64_t k0, int64_t nk, bool masked,
@@ -78,49 +99,38 @@ void attend_block(TileState& ts, const SegmentRows& seg, int64_t k0, int64_t nk,
   if (masked) mask_block(ts.st, k0, nk, lo, hi);
 
   // Online softmax update, vectorised over the 64 queries of the tile.
-#if defined(CCA_CPU_AVX512)
-  for (int v = 0; v < kVecs; ++v) {
-    float* sv = ts.st + v * kLanes;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_load_ps(sv + j * kBlockM));
-    const __m512 m_old = _mm512_load_ps(ts.m + v * kLanes);
-    const __m512 m_new = _mm512_max_ps(m_old, mx);
-    const __m512 a = exp2_ps(_mm512_sub_ps(m_old, m_new));
-    __m512 sum = _mm512_setzero_ps();
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  for (size_t c = 0; c < size_t(kBlockM); c += N) {
+    float* sv = ts.st + c;
+    VF mx = hn::Set(d, -INFINITY);
+    for (int64_t j = 0; j < nk; ++j) mx = hn::Max(mx, hn::Load(d, sv + j * kBlockM));
+    const VF m_old = hn::Load(d, ts.m + c);
+    const VF m_new = hn::Max(m_old, mx);
+    const VF a = exp2(d, hn::Sub(m_old, m_new));
+    VF sum = hn::Zero(d);
     for (int64_t j = 0; j < nk; ++j) {
-      const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(sv + j * kBlockM), m_new));
-      _mm512_store_ps(sv + j * kBlockM, p);
-      sum = _mm512_add_ps(sum, p);
+      const VF p = exp2(d, hn::Sub(hn::Load(d, sv + j * kBlockM), m_new));
+      hn::Store(p, d, sv + j * kBlockM);
+      sum = hn::Add(sum, p);
     }
-    _mm512_store_ps(ts.m + v * kLanes, m_new);
-    _mm512_store_ps(ts.l + v * kLanes, _mm512_fmadd_ps(_mm512_load_ps(ts.l + v * kLanes), a, sum));
-    _mm512_store_ps(ts.alpha + v * kLanes, a);
+    hn::Store(m_new, d, ts.m + c);
+    hn::Store(hn::MulAdd(hn::Load(d, ts.l + c), a, sum), d, ts.l + c);
+    hn::Store(a, d, ts.alpha + c);
   }
-#else
-  for (int i = 0; i < kBlockM; ++i) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, ts.st[j * kBlockM + i]);
-    const float m_new = std::max(ts.m[i], mx);
-    const float a = std::exp2(ts.m[i] - m_new);
-    float sum = 0.f;
-    for (int64_t j = 0; j < nk; ++j) {
-      float& s = ts.st[j * kBlockM + i];
-      s = std::exp2(s - m_new);
-      sum += s;
-    }
-    ts.m[i] = m_new;
-    ts.l[i] = ts.l[i] * a + sum;
-    ts.alpha[i] = a;
-  }
-#endif
 
   // Ot [D][64] = Ot * alpha + V_blk^T [D][nk] P^T [nk][64]
   tile_product_rows<true>(D, nk, vp, 1, vs, ts.st, ts.ot, ts.alpha);
 }
 
-// Queries [r0, r0 + nq) of (batch b, query head h).
-void attend_tile(const AttendProblem& p, TileState& ts, int64_t b, int64_t h, int64_t r0,
+}  // namespace
+
+// Queries [r0, r0 + nq) of (batch b, query head h), with the thread's scratch at `scratch`
+// (TileState::floats(D) floats, 64-byte aligned).
+void attend_tile(const AttendProblem& p, float* scratch, int64_t b, int64_t h, int64_t r0,
                  int64_t nq) {
+  TileState ts;
+  ts.bind(scratch, p.q.shape[3]);
   const int64_t D = ts.D, Hq = p.q.shape[2], Hkv = p.local.k.shape[2], group_size = Hq / Hkv;
   const float qscale = p.scale * kLog2e;
 
@@ -141,18 +151,23 @@ void attend_tile(const AttendProblem& p, TileState& ts, int64_t b, int64_t h, in
           const int64_t* hi) { attend_block(ts, rows, k0, nk, masked, lo, hi); });
 
   // O = Ot^T / l, lse = ln(2^m l) = m ln 2 + ln l.
+  float row[1024];  // D <= 1024, checked
   for (int64_t i = 0; i < nq; ++i) {
     const float inv = 1.f / ts.l[i];
-    const int64_t oo = p.out.offset(b, r0 + i, h);
-    if (p.out.dtype == DType::f32) {
-      float* o = static_cast<float*>(p.out.ptr(oo));
-      for (int64_t d = 0; d < D; ++d) o[d] = ts.ot[d * kBlockM + i] * inv;
-    } else {
-      for (int64_t d = 0; d < D; ++d) p.out.store(oo + d, ts.ot[d * kBlockM + i] * inv);
-    }
+    for (int64_t x = 0; x < D; ++x) row[x] = ts.ot[x * kBlockM + i] * inv;
+    store_row(row, D, p.out.ptr(p.out.offset(b, r0 + i, h)), p.out.dtype);
     if (p.lse.data) p.lse.store(p.lse.offset(b, h, r0 + i), ts.m[i] * kLn2 + std::log(ts.l[i]));
   }
 }
+
+}  // namespace cca::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace cca::cpu {
+namespace {
+
+HWY_EXPORT(attend_tile);
 
 std::string seg_name(int s) { return s == 0 ? "core" : s == 1 ? "sink" : "local"; }
 
@@ -230,18 +245,21 @@ void attend(const AttendProblem& p) {
   const int64_t per_thread = (TileState::floats(D) + 15) / 16 * 16;
   AlignedFloats scratch(per_thread * nthreads);
 
+  init_simd_target();
+  const auto tile = HWY_DYNAMIC_DISPATCH(attend_tile);
+
 #pragma omp parallel num_threads(nthreads)
   {
-    TileState ts;
-    ts.bind(scratch.data() + per_thread * omp_get_thread_num(), D);
+    float* ts = scratch.data() + per_thread * omp_get_thread_num();
     // Longest tiles (latest queries) first, so the dynamic schedule ends on short ones.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < items; ++w) {
-      const int64_t b = w / (Hq * tiles), h = (w / tiles) % Hq, tile = tiles - 1 - w % tiles;
-      const int64_t r0 = tile * kBlockM;
-      attend_tile(p, ts, b, h, r0, std::min<int64_t>(kBlockM, n - r0));
+      const int64_t b = w / (Hq * tiles), h = (w / tiles) % Hq, t = tiles - 1 - w % tiles;
+      const int64_t r0 = t * kBlockM;
+      tile(p, ts, b, h, r0, std::min<int64_t>(kBlockM, n - r0));
     }
   }
 }
 
 }  // namespace cca::cpu
+#endif  // HWY_ONCE

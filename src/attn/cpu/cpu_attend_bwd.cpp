@@ -10,8 +10,13 @@
 //     (r for a KV head, or one with per-query-head core tokens) S = Q Kt, dP = dO Vt,
 //     dS = P (dP - delta), dVt += dO^T P, dKt += Q^T dS.
 // Every output element is written by one work item in a fixed order, so the result does not
-// depend on the thread count. All products are the tile kernel of cpu_simd.hpp. Useful FLOPs:
-// 3 products in the dQ pass and 4 in the dK/dV pass, 3.5x the forward's 2.
+// depend on the thread count. All products are the tile kernel of simd-inl.h. Useful FLOPs:
+// 3 products in the dQ pass and 4 in the dK/dV pass, 3.5x the forward's 2. The item code is
+// compiled per SIMD target (see cpu_attend.cpp).
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/cpu_attend_bwd.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -22,8 +27,12 @@
 #include "cca/error.hpp"
 #include "cpu_ops.hpp"
 #include "cpu_simd.hpp"
+#include "cpu_tile-inl.h"
 #include "cpu_tile.hpp"
+#include "simd-inl.h"
 
+#ifndef CCA_CPU_BWD_SHARED
+#define CCA_CPU_BWD_SHARED
 namespace cca::cpu {
 namespace {
 
@@ -31,28 +40,6 @@ constexpr int kBlockQ = 64;  // queries per block of the dK/dV pass
 alignas(64) constexpr float kOnes[kBlockM] = {
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
     1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-
-// One row of kBlockM lanes: s = P = 2^(s - lse2), dp = dS = P (dp - delta). lse2 and delta hold
-// one value per lane (dQ pass: a query per lane) or, with kBroadcast, one for the whole row (dK/dV
-// pass: a query per row).
-template <bool kBroadcast>
-inline void softmax_grad_row(float* s, float* dp, const float* lse2, const float* delta) {
-#if defined(CCA_CPU_AVX512)
-  for (int v = 0; v < kVecs; ++v) {
-    const __m512 l = kBroadcast ? _mm512_set1_ps(*lse2) : _mm512_load_ps(lse2 + v * kLanes);
-    const __m512 dl = kBroadcast ? _mm512_set1_ps(*delta) : _mm512_load_ps(delta + v * kLanes);
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(s + v * kLanes), l));
-    _mm512_store_ps(s + v * kLanes, p);
-    _mm512_store_ps(dp + v * kLanes,
-                    _mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(dp + v * kLanes), dl)));
-  }
-#else
-  for (int i = 0; i < kBlockM; ++i) {
-    s[i] = std::exp2(s[i] - lse2[kBroadcast ? 0 : i]);
-    dp[i] = s[i] * (dp[i] - delta[kBroadcast ? 0 : i]);
-  }
-#endif
-}
 
 // Per-thread scratch; a thread runs items of both passes.
 struct BwdState {
@@ -82,9 +69,45 @@ struct BwdState {
   }
 };
 
+// Keys [k0, k0 + nk) of one head of the raw keys (core = false) or of the core tokens.
+struct KeyTile {
+  bool core;
+  int64_t b, head, k0, nk;
+};
+
+// Whether query t sees key position (or core token) x of the tile's segment.
+inline bool sees(const Visible& v, bool core, int64_t x) {
+  return core ? x < v.n_core : x < v.sink_end || (x >= v.local_begin && x < v.local_end);
+}
+
+}  // namespace
+}  // namespace cca::cpu
+#endif  // CCA_CPU_BWD_SHARED
+
+HWY_BEFORE_NAMESPACE();
+namespace cca::cpu::HWY_NAMESPACE {
+
+// One row of kBlockM lanes: s = P = 2^(s - lse2), dp = dS = P (dp - delta). lse2 and delta hold
+// one value per lane (dQ pass: a query per lane) or, with kBroadcast, one for the whole row (dK/dV
+// pass: a query per row).
+template <bool kBroadcast>
+HWY_INLINE void softmax_grad_row(float* s, float* dp, const float* lse2, const float* delta) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  for (size_t c = 0; c < size_t(kBlockM); c += N) {
+    const VF l = kBroadcast ? hn::Set(d, *lse2) : hn::Load(d, lse2 + c);
+    const VF dl = kBroadcast ? hn::Set(d, *delta) : hn::Load(d, delta + c);
+    const VF p = exp2(d, hn::Sub(hn::Load(d, s + c), l));
+    hn::Store(p, d, s + c);
+    hn::Store(hn::Mul(p, hn::Sub(hn::Load(d, dp + c), dl)), d, dp + c);
+  }
+}
+
 // Queries [r0, r0 + nq) of (batch b, query head h): dq rows, over the forward's key blocks.
-void dq_tile(const AttendBwdProblem& p, BwdState& st, int64_t b, int64_t h, int64_t r0,
+void dq_tile(const AttendBwdProblem& p, float* scratch, int64_t b, int64_t h, int64_t r0,
              int64_t nq) {
+  BwdState st;
+  st.bind(scratch, p.q.shape[3]);
   const int64_t D = st.D, Hq = p.q.shape[2], Hkv = p.k.shape[2];
   load_transposed(p.q, b, r0, nq, h, p.scale * kLog2e, st.qt);
   load_transposed(p.dout, b, r0, nq, h, 1.f, st.dot);
@@ -121,20 +144,11 @@ void dq_tile(const AttendBwdProblem& p, BwdState& st, int64_t b, int64_t h, int6
   }
 }
 
-// Keys [k0, k0 + nk) of one head of the raw keys (core = false) or of the core tokens.
-struct KeyTile {
-  bool core;
-  int64_t b, head, k0, nk;
-};
-
-// Whether query t sees key position (or core token) x of the tile's segment.
-inline bool sees(const Visible& v, bool core, int64_t x) {
-  return core ? x < v.n_core : x < v.sink_end || (x >= v.local_begin && x < v.local_end);
-}
-
 // The dK/dV pass for one key tile: every query block that sees some of its keys, for every
 // query head that reads its key head.
-void dkdv_tile(const AttendBwdProblem& p, BwdState& st, const KeyTile& tile) {
+void dkdv_tile(const AttendBwdProblem& p, float* scratch, const KeyTile& tile) {
+  BwdState st;
+  st.bind(scratch, p.q.shape[3]);
   const int64_t D = st.D, T = p.q.shape[1], Hq = p.q.shape[2], Hkv = p.k.shape[2];
   const int64_t r = Hq / Hkv, k0 = tile.k0, k1 = tile.k0 + tile.nk;
   const TensorView& K = tile.core ? p.k_core : p.k;
@@ -210,6 +224,29 @@ void dkdv_tile(const AttendBwdProblem& p, BwdState& st, const KeyTile& tile) {
   }
 }
 
+// delta[b, h, t] = sum_d dout[b, t, h, d] out[b, t, h, d] for every query head h of row bt.
+void delta_row(const AttendBwdProblem& p, int64_t bt) {
+  const int64_t T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
+  const int64_t b = bt / T, t = bt % T;
+  float o[1024], g[1024];  // D <= 1024, checked
+  for (int64_t h = 0; h < Hq; ++h) {
+    load_row(p.out.ptr(p.out.offset(b, t, h)), p.out.dtype, D, o);
+    load_row(p.dout.ptr(p.dout.offset(b, t, h)), p.dout.dtype, D, g);
+    p.delta.store(p.delta.offset(b, h, t), dot_product(o, g, D));
+  }
+}
+
+}  // namespace cca::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace cca::cpu {
+namespace {
+
+HWY_EXPORT(dq_tile);
+HWY_EXPORT(dkdv_tile);
+HWY_EXPORT(delta_row);
+
 void check_view(const TensorView& t, const char* name, int ndim, const int64_t* shape, bool f32) {
   bool ok = t.data && t.ndim == ndim && t.stride[ndim - 1] == 1 && (!f32 || t.dtype == DType::f32);
   for (int i = 0; ok && i < ndim; ++i) ok = t.shape[i] == shape[i];
@@ -263,19 +300,10 @@ void attend_bwd_delta(const AttendBwdProblem& p) {
   const int64_t B = p.q.shape[0], T = p.q.shape[1], Hq = p.q.shape[2], D = p.q.shape[3];
   const int64_t rows = B * T;
   const int nthreads = thread_count(p.threads, rows, 2.0 * double(rows * Hq * D));
-#pragma omp parallel num_threads(nthreads)
-  {
-    float o[1024], g[1024];
-#pragma omp for schedule(static)
-    for (int64_t bt = 0; bt < rows; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      for (int64_t h = 0; h < Hq; ++h) {
-        load_row(p.out.ptr(p.out.offset(b, t, h)), p.out.dtype, D, o);
-        load_row(p.dout.ptr(p.dout.offset(b, t, h)), p.dout.dtype, D, g);
-        p.delta.store(p.delta.offset(b, h, t), dot_product(o, g, D));
-      }
-    }
-  }
+  init_simd_target();
+  const auto row_fn = HWY_DYNAMIC_DISPATCH(delta_row);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t bt = 0; bt < rows; ++bt) row_fn(p, bt);
 }
 
 void attend_bwd(const AttendBwdProblem& p) {
@@ -296,10 +324,13 @@ void attend_bwd(const AttendBwdProblem& p) {
   AlignedFloats scratch(per_thread * nthreads);
   std::exception_ptr error;  // an exception must not leave the parallel region
 
+  init_simd_target();
+  const auto dkdv = HWY_DYNAMIC_DISPATCH(dkdv_tile);
+  const auto dq = HWY_DYNAMIC_DISPATCH(dq_tile);
+
 #pragma omp parallel num_threads(nthreads)
   {
-    BwdState st;
-    st.bind(scratch.data() + per_thread * omp_get_thread_num(), D);
+    float* st = scratch.data() + per_thread * omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < items; ++w) {
       try {
@@ -307,13 +338,13 @@ void attend_bwd(const AttendBwdProblem& p) {
           const bool core = w < core_items;
           const int64_t x = core ? w : w - core_items, heads = core ? Hc : Hkv;
           const int64_t n = tiles(core ? m : T), tile = x % n, k0 = tile * kBlockM;
-          dkdv_tile(p, st,
-                    KeyTile{core, x / (heads * n), (x / n) % heads, k0,
-                            std::min<int64_t>(kBlockM, (core ? m : T) - k0)});
+          dkdv(p, st,
+               KeyTile{core, x / (heads * n), (x / n) % heads, k0,
+                       std::min<int64_t>(kBlockM, (core ? m : T) - k0)});
         } else {
           const int64_t x = w - core_items - raw_items, n = tiles(T);
           const int64_t b = x / (Hq * n), h = (x / n) % Hq, tile = n - 1 - x % n;
-          dq_tile(p, st, b, h, tile * kBlockM, std::min<int64_t>(kBlockM, T - tile * kBlockM));
+          dq(p, st, b, h, tile * kBlockM, std::min<int64_t>(kBlockM, T - tile * kBlockM));
         }
       } catch (...) {
 #pragma omp critical
@@ -325,3 +356,4 @@ void attend_bwd(const AttendBwdProblem& p) {
 }
 
 }  // namespace cca::cpu
+#endif  // HWY_ONCE

@@ -1,9 +1,13 @@
-// The optimised CPU backend: host tensors, OpenMP threads, AVX-512 where the build has it.
+// The optimised CPU backend: host tensors, OpenMP threads, the best SIMD target of the CPU it
+// runs on (cpu_simd.hpp).
 #include <omp.h>
 
+#include <cstring>
 #include <exception>
+#include <vector>
 
 #include "cpu_ops.hpp"
+#include "cpu_simd.hpp"
 
 namespace cca::cpu {
 namespace {
@@ -17,6 +21,30 @@ class CpuBackend final : public Backend {
   void attend_bwd_delta(const AttendBwdProblem& p) const override { cpu::attend_bwd_delta(p); }
   void attend_bwd(const AttendBwdProblem& p) const override { cpu::attend_bwd(p); }
   void pool_bwd(const PoolBwdProblem& p) const override { cpu::pool_bwd(p); }
+
+  // dst = src row by row, converting dtypes with the vector conversions (attn_bwd's float32
+  // accumulators into 16-bit gradients); rows of one dtype are copied.
+  void copy_tensor(const TensorView& dst, const TensorView& src, void*) const override {
+    const int64_t D = src.shape[3], row_bytes = D * dtype_size(src.dtype);
+    std::vector<float> buf;
+    if (src.dtype != DType::f32 && dst.dtype != DType::f32) buf.resize(size_t(D));
+    for (int64_t b = 0; b < src.shape[0]; ++b)
+      for (int64_t t = 0; t < src.shape[1]; ++t)
+        for (int64_t h = 0; h < src.shape[2]; ++h) {
+          void* o = dst.ptr(dst.offset(b, t, h));
+          const void* i = src.ptr(src.offset(b, t, h));
+          if (dst.dtype == src.dtype) {
+            std::memcpy(o, i, size_t(row_bytes));
+          } else if (src.dtype == DType::f32) {
+            row_from_float(static_cast<const float*>(i), D, o, dst.dtype);
+          } else if (dst.dtype == DType::f32) {
+            row_to_float(i, src.dtype, D, static_cast<float*>(o));
+          } else {
+            row_to_float(i, src.dtype, D, buf.data());
+            row_from_float(buf.data(), D, o, dst.dtype);
+          }
+        }
+  }
 
   // Sequences in parallel, each on one thread: a decode step of one sequence is too small to
   // split, and the sequences' lengths differ, so a dynamic schedule balances them.

@@ -179,15 +179,6 @@ class CudaBackend final : public Backend {
 
   // ---- backward: delta, then the dK/dV and dQ kernels, then the pooling backward -----------
   std::string unsupported_bwd(const AttendBwdProblem& p) const override {
-    // The backward kernels compile but have not yet run on a GPU (issue 10): until
-    // bench/gpu_backward.sh has validated them, they run only when asked for by name.
-    static const bool enabled = [] {
-      const char* e = std::getenv("CCA_CUDA_BACKWARD");
-      return e && std::string(e) == "1";
-    }();
-    if (!enabled)
-      return "backend cuda: the backward kernels have not been validated on a GPU yet; set "
-             "CCA_CUDA_BACKWARD=1 to run them anyway (bench/gpu_backward.sh validates them)";
     const int64_t D = p.q.shape[3];
     std::string why = unsupported_dtype_dim(p.q.dtype, D);
     for (auto [t, name] : {std::pair{&p.q, "q"},

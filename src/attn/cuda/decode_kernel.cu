@@ -337,6 +337,22 @@ int sm_count() {
   return n;
 }
 
+// The slicing's two parameters, DecodeTile's unless CCA_DECODE_BLOCKS_PER_SM or
+// CCA_DECODE_MIN_KEYS (positive integers) override them: A/B sweeps on a GPU (bench/).
+int env_positive(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  const int v = e ? std::atoi(e) : 0;
+  return v > 0 ? v : fallback;
+}
+int blocks_per_sm() {
+  static const int v = env_positive("CCA_DECODE_BLOCKS_PER_SM", DecodeTile::kBlocksPerSm);
+  return v;
+}
+int min_keys_per_split() {
+  static const int v = env_positive("CCA_DECODE_MIN_KEYS", DecodeTile::kMinKeysPerSplit);
+  return v;
+}
+
 // One launch (and, where a problem has several slices, a merge launch) for problems [0, count),
 // count <= kCap. Slices: one wave of kBlocksPerSm blocks per SM, shared between the problems in
 // proportion to their key counts (a long sequence of a ragged batch gets more slices), none
@@ -355,7 +371,7 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
     keys[i] = visible_union(ps[i]);
     work += int64_t(x.a.B) * (x.a.Hq / x.G) * keys[i];
   }
-  const double keys_per_block = double(work) / (DecodeTile::kBlocksPerSm * sm_count());
+  const double keys_per_block = double(work) / (blocks_per_sm() * sm_count());
   int max_splits = 1;
   int64_t rows = 0, slots = 0;
   for (int i = 0; i < count; ++i) {
@@ -363,7 +379,7 @@ void launch_batch(const AttendProblem* ps, int count, cudaStream_t stream, int f
     int64_t s = force_splits;
     if (s <= 0)
       s = std::clamp<int64_t>(std::llround(double(keys[i]) / keys_per_block), 1,
-                              std::max<int64_t>(1, keys[i] / DecodeTile::kMinKeysPerSplit));
+                              std::max<int64_t>(1, keys[i] / min_keys_per_split()));
     x.splits = int(s);
     x.group0 = d.groups;
     x.row0 = rows;

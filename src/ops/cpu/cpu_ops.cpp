@@ -1,5 +1,6 @@
-// The cpu ops: float32 on the host, matrix products through OpenBLAS, loops on OpenMP threads.
-// The oracle the cuda ops are tested against.
+// The cpu ops: float32 on the host, matrix products through OpenBLAS, loops on OpenMP threads,
+// element-wise rows on the CPU backend's vector layer (cpu_rows.cpp). The oracle the cuda ops are
+// tested against.
 #include <cblas.h>
 #include <omp.h>
 
@@ -8,7 +9,9 @@
 #include <cstring>
 #include <vector>
 
+#include "attn/cpu/cpu_simd.hpp"
 #include "cca/error.hpp"
+#include "ops/cpu/cpu_rows.hpp"
 #include "ops/impl.hpp"
 
 namespace cca::ops::cpu {
@@ -116,35 +119,32 @@ void rms_norm(const Context& ctx, const TensorView& x, const TensorView& w, floa
   require_f32(w, "rms_norm", "weight");
   require_f32(out, "rms_norm", "out");
   const int64_t n = x.shape[0], H = x.shape[1];
-  const float* wp = f32(w);
+  const auto row = row_fns().rms_norm;
 #pragma omp parallel for schedule(static) if (n > 16) num_threads(ctx.threads())
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = f32(x) + r * x.stride[0];
-    double ss = 0;
-    for (int64_t i = 0; i < H; ++i) ss += double(xr[i]) * xr[i];
-    const float inv = float(1.0 / std::sqrt(ss / double(H) + eps));
-    float* o = f32_mut(out) + r * out.stride[0];
-    for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (xr[i] * inv);
-  }
+  for (int64_t r = 0; r < n; ++r)
+    row(f32(x) + r * x.stride[0], f32(w), H, eps, f32_mut(out) + r * out.stride[0]);
 }
 
 void rope(const Context& ctx, const TensorView& x, int64_t heads, const int32_t* positions,
           const TensorView& inv_freq) {
   require_f32(x, "rope", "x");
-  const int64_t n = x.shape[0], half = inv_freq.numel(), D = 2 * half;
+  const int64_t n = x.shape[0], half = inv_freq.numel();
   const float* freq = f32(inv_freq);
-#pragma omp parallel for schedule(static) if (n > 16) num_threads(ctx.threads())
-  for (int64_t r = 0; r < n; ++r) {
-    const float pos = float(positions[r]);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = freq[i] * pos;  // float32 product, as Hugging Face's matmul
-      const float c = float(std::cos(double(angle))), s = float(std::sin(double(angle)));
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = f32_mut(x) + r * x.stride[0] + h * D;
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+  const auto row = row_fns().rope;
+#pragma omp parallel if (n > 16) num_threads(ctx.threads())
+  {
+    std::vector<float> cs(size_t(2 * half));  // this row's cos and sin
+    float* c = cs.data();
+    float* s = c + half;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      const float pos = float(positions[r]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = freq[i] * pos;  // float32 product, as Hugging Face's matmul
+        c[i] = float(std::cos(double(angle)));
+        s[i] = float(std::sin(double(angle)));
       }
+      row(f32_mut(x) + r * x.stride[0], heads, half, c, s);
     }
   }
 }
@@ -153,17 +153,14 @@ void swiglu(const Context& ctx, const TensorView& gate, const TensorView& up,
             const TensorView& out) {
   require_f32(gate, "swiglu", "gate");
   const int64_t n = gate.shape[0], I = gate.shape[1];
+  const auto row = row_fns().swiglu;
 #pragma omp parallel for schedule(static) if (n * I > (1 << 16)) num_threads(ctx.threads())
-  for (int64_t r = 0; r < n; ++r) {
-    const float* g = f32(gate) + r * gate.stride[0];
-    const float* u = f32(up) + r * up.stride[0];
-    float* o = f32_mut(out) + r * out.stride[0];
-    for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  }
+  for (int64_t r = 0; r < n; ++r)
+    row(f32(gate) + r * gate.stride[0], f32(up) + r * up.stride[0],
+        f32_mut(out) + r * out.stride[0], I);
 }
 
-void embed(const Context& ctx, const int32_t* ids, const TensorView& table,
-           const TensorView& out) {
+void embed(const Context& ctx, const int32_t* ids, const TensorView& table, const TensorView& out) {
   require_f32(table, "embed", "table");
   const int64_t H = table.shape[1];
   for (int64_t r = 0; r < out.shape[0]; ++r)
@@ -223,7 +220,8 @@ void sample_rows(const Context& ctx, const TensorView& logits, const SampleParam
       m = std::max(m, z);
     }
     const uint32_t tk = p.top_k > 0 && p.top_k < V
-                            ? threshold_key(keys, [](size_t) { return 1.0; }, double(p.top_k))
+                            ? threshold_key(
+                                  keys, [](size_t) { return 1.0; }, double(p.top_k))
                             : 0;
     double total = 0;
     for (int64_t i = 0; i < V; ++i) {
@@ -231,10 +229,10 @@ void sample_rows(const Context& ctx, const TensorView& logits, const SampleParam
           keys[size_t(i)] >= tk ? std::exp(double(row[i] / p.temperature) - double(m)) : 0.0;
       total += e[size_t(i)];
     }
-    const uint32_t tp =
-        p.top_p < 1.f
-            ? threshold_key(keys, [&](size_t i) { return e[i]; }, double(p.top_p) * total)
-            : 0;
+    const uint32_t tp = p.top_p < 1.f
+                            ? threshold_key(
+                                  keys, [&](size_t i) { return e[i]; }, double(p.top_p) * total)
+                            : 0;
     const uint32_t t = std::max(tk, tp);
     double kept = 0;
     int64_t last = 0;
@@ -257,10 +255,24 @@ void sample_rows(const Context& ctx, const TensorView& logits, const SampleParam
 
 void convert(const Context& ctx, const TensorView& src, const TensorView& dst) {
   const int64_t n = src.shape[0], C = src.shape[1];
+  if (src.dtype != DType::f32 && dst.dtype != DType::f32) {  // 16-bit to 16-bit: rare
 #pragma omp parallel for schedule(static) if (n * C > (1 << 16)) num_threads(ctx.threads())
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < C; ++c)
-      dst.store(r * dst.stride[0] + c, src.load(r * src.stride[0] + c));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < C; ++c)
+        dst.store(r * dst.stride[0] + c, src.load(r * src.stride[0] + c));
+    return;
+  }
+  // float32 <-> float16/bfloat16 (the KV cache's dtype): the vector conversions, rounded as
+  // TensorView::store.
+#pragma omp parallel for schedule(static) if (n * C > (1 << 16)) num_threads(ctx.threads())
+  for (int64_t r = 0; r < n; ++r) {
+    const void* s = src.ptr(r * src.stride[0]);
+    void* d = dst.ptr(r * dst.stride[0]);
+    if (src.dtype == DType::f32)
+      cca::cpu::row_from_float(static_cast<const float*>(s), C, d, dst.dtype);
+    else
+      cca::cpu::row_to_float(s, src.dtype, C, static_cast<float*>(d));
+  }
 }
 
 }  // namespace cca::ops::cpu
