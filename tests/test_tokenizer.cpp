@@ -283,7 +283,8 @@ TEST(Tokenizer, SplitBehaviors) {
 }
 
 // PCRE2's match limit bounds one start position; the step budget bounds the whole text. Each run
-// of 20 'a' stays under PCRE2's limit, and the 2,000 runs took 12.9 s before the budget (Release).
+// of 20 'a' stays under PCRE2's limit, and the 2,000 runs took 12.4 s before the budget (Release,
+// docs/reliability.md).
 TEST(Tokenizer, RegexBacktrackingIsBoundedOverTheWholeText) {
   json j = tiny();
   j["pre_tokenizer"] = {

@@ -24,9 +24,10 @@ inline size_t max_growth(size_t n) { return 16 * n + 4096; }
 
 // How many steps (an item of the pattern tried at a position of the text, counted through PCRE2
 // callouts, backtracking included) one find_all() may take: 16 per item of the pattern per byte
-// of text, plus one byte. Far above real patterns (llama3's split pattern takes at most 0.25 per
-// item per byte, docs/reliability.md); backtracking that is exponential at one position, or
-// heavy at every position of a long text, runs into it and is refused.
+// of text, plus one byte. Far above real patterns (the test RegexBudgetLeavesRealPatternsAlone
+// runs llama3's split pattern over the texts that make it work hardest); backtracking that is
+// exponential at one position, or heavy at every position of a long text, runs into it and is
+// refused.
 inline uint64_t max_regex_steps(uint64_t items, size_t bytes) {
   return 16 * items * (static_cast<uint64_t>(bytes) + 1);
 }
