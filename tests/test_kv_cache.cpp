@@ -307,6 +307,32 @@ TEST(KvCache, RejectedAppendLeavesCacheUnchanged) {
   }
 }
 
+// kv_cache_capacity_bytes is what a fixed-capacity cache allocates; with an allocator's
+// granularity, each store rounds up to it (the engine's memory check and the server's budget).
+TEST(KvCache, CapacityBytesAreWhatTheCacheAllocates) {
+  RunOptions run;
+  run.backend = BackendKind::cpu;
+  const KvCacheCapacity cap{1000, 128};
+  const int64_t G = int64_t(1) << 16;
+  for (const VariantSpec& v : {VariantSpec::cca(16, 64), VariantSpec::full(),
+                               VariantSpec::streaming(4, 40), VariantSpec::sliding(40),
+                               VariantSpec::cca(16, 64, PoolMode::cca, PoolHeads::query)}) {
+    SCOPED_TRACE(v.describe());
+    KvCache c(v, 2, 8, 2, 32, DType::f32, run, cap);
+    const int64_t exact = kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap);
+    EXPECT_EQ(c.allocated_bytes(), exact);
+    const int64_t rounded = kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap, G);
+    EXPECT_EQ(rounded % G, 0);
+    EXPECT_GE(rounded, exact);
+    EXPECT_LT(rounded, exact + 6 * G);  // at most six stores, each less than G more
+  }
+  // By hand, cca g=16 s=64: rows of 2 x 32 floats (256 bytes) per head; core 1000 / 16 = 62
+  // rows x 2 heads, raw 2 (64 + 16 + 128) = 416 rows x 2 heads; keys and values.
+  const VariantSpec v = VariantSpec::cca(16, 64);
+  EXPECT_EQ(kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap), 2 * (62 + 416) * 2 * 256);
+  EXPECT_EQ(kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap, G), 2 * (G + 4 * G));
+}
+
 TEST(KvCache, ConstructorRejectsBadParameters) {
   struct Bad {
     VariantSpec variant;

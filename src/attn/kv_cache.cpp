@@ -368,10 +368,15 @@ KvCache::KvCache(const VariantSpec& variant, int64_t batch, int64_t hq, int64_t 
 
 int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64_t hq,
                                 int64_t hkv, int64_t head_dim, DType dtype,
-                                const KvCacheCapacity& capacity) {
+                                const KvCacheCapacity& capacity, int64_t granularity) {
+  check(granularity >= 1, "kv_cache_capacity_bytes: granularity must be >= 1");
   const StoreRows r = fixed_rows(variant, capacity);
   const int64_t per_row = batch * head_dim * dtype_size(dtype);
-  return 2 * per_row * (r.core * variant.core_heads(hq, hkv) + (r.sink + r.raw) * hkv);
+  auto store = [&](int64_t rows, int64_t heads) {  // as Store::allocate_fixed allocates
+    const int64_t b = rows * heads * per_row;
+    return (b + granularity - 1) / granularity * granularity;
+  };
+  return 2 * (store(r.core, variant.core_heads(hq, hkv)) + store(r.sink, hkv) + store(r.raw, hkv));
 }
 KvCache::~KvCache() = default;
 KvCache::KvCache(KvCache&&) noexcept = default;

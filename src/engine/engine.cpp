@@ -132,7 +132,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& opt) : opt_(op
       plan_.caches = opt_.max_batch * cfg.num_layers *
                      kv_cache_capacity_bytes(opt_.variant, 1, cfg.num_heads, cfg.num_kv_heads,
                                              cfg.head_dim, kv_dtype_,
-                                             {opt_.plan_tokens, opt_.chunk});
+                                             {opt_.plan_tokens, opt_.chunk},
+                                             kCudaAllocGranularity);
   } else {
     const model::TensorInfo* t = ck.find("model.embed_tokens.weight");
     if (t && t->dtype != DType::f32) plan_.weights = model::weights_bytes(cfg, DType::f32);
@@ -190,7 +191,8 @@ int64_t Engine::sequence_cache_bytes(int64_t max_tokens) const {
   const model::ModelConfig& c = config();
   if (device() != Device::cuda) return kv_cache_bytes(c, opt_.variant, max_tokens, dtype_size(kv_dtype_));
   return c.num_layers * kv_cache_capacity_bytes(opt_.variant, 1, c.num_heads, c.num_kv_heads,
-                                                c.head_dim, kv_dtype_, {max_tokens, opt_.chunk});
+                                                c.head_dim, kv_dtype_, {max_tokens, opt_.chunk},
+                                                kCudaAllocGranularity);
 }
 
 std::unique_ptr<Sequence> Engine::new_sequence(int64_t max_tokens) {
