@@ -182,13 +182,16 @@ TEST(KvCache, LongSequenceDecodeAndChunksEqualPrefill) {
       if (be == BackendKind::ref && dt == DType::bf16) continue;  // ref: covered by f32
       Rng rng(seed_of("long") + uint64_t(dt));
       const Qkv in = make_qkv(1, T, Hq, Hkv, D, dt, Layout::packed, rng);
-      for (const VariantSpec& var : variants) {
-        SCOPED_TRACE(std::string(backend_name(be)) + " " + dtype_name(dt) + " " + var.describe());
+      for (const VariantSpec& var : variants)
+      for (const bool fixed : {false, true}) {  // growing stores; one fixed allocation
+        SCOPED_TRACE(std::string(backend_name(be)) + " " + dtype_name(dt) + " " + var.describe() +
+                     (fixed ? " fixed capacity" : ""));
         const AttnOut prefill = run_attn(be, in.q, in.k, in.v, var, Layout::contiguous, 1);
         RunOptions run;
         run.backend = be;
         run.threads = 1;
-        KvCache cache(var, 1, Hq, Hkv, D, dt, run);
+        KvCache cache(var, 1, Hq, Hkv, D, dt, run,
+                      fixed ? KvCacheCapacity{T, 200} : KvCacheCapacity{});
         const Bound tol = identity_tolerance(dt);
         // chunks of 1, 37, 129, 3, 64, 200, ... then token by token
         const int64_t sizes[] = {1, 37, 129, 3, 64, 200, 66, 1, 1, 1};
@@ -307,8 +310,9 @@ TEST(KvCache, RejectedAppendLeavesCacheUnchanged) {
   }
 }
 
-// kv_cache_capacity_bytes is what a fixed-capacity cache allocates; with an allocator's
-// granularity, each store rounds up to it (the engine's memory check and the server's budget).
+// kv_cache_capacity_bytes is what a fixed-capacity cache allocates (its stores in one
+// allocation); with an allocator's granularity, that allocation rounds up to it (the engine's
+// memory check and the server's budget).
 TEST(KvCache, CapacityBytesAreWhatTheCacheAllocates) {
   RunOptions run;
   run.backend = BackendKind::cpu;
@@ -324,13 +328,15 @@ TEST(KvCache, CapacityBytesAreWhatTheCacheAllocates) {
     const int64_t rounded = kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap, G);
     EXPECT_EQ(rounded % G, 0);
     EXPECT_GE(rounded, exact);
-    EXPECT_LT(rounded, exact + 6 * G);  // at most six stores, each less than G more
+    EXPECT_LT(rounded, exact + G);  // one allocation
   }
   // By hand, cca g=16 s=64: rows of 2 x 32 floats (256 bytes) per head; core 1000 / 16 = 62
   // rows x 2 heads, raw 2 (64 + 16 + 128) = 416 rows x 2 heads; keys and values.
   const VariantSpec v = VariantSpec::cca(16, 64);
   EXPECT_EQ(kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap), 2 * (62 + 416) * 2 * 256);
-  EXPECT_EQ(kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap, G), 2 * (G + 4 * G));
+  EXPECT_EQ(kv_cache_capacity_bytes(v, 2, 8, 2, 32, DType::f32, cap, G), 8 * G);
+  // Each store starts at a 256-byte boundary: one head of 4 floats, 62 core rows = 992 bytes.
+  EXPECT_EQ(kv_cache_capacity_bytes(v, 1, 2, 1, 4, DType::f32, cap), 2 * (1024 + 416 * 16));
 }
 
 TEST(KvCache, ConstructorRejectsBadParameters) {

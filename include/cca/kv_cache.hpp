@@ -15,15 +15,16 @@ struct KvCacheCapacity {
   int64_t max_chunk = 0;   // tokens per append; 0 = max_tokens
 };
 
-// Bytes a cache of fixed `capacity` allocates (keys and values), without allocating: the sum
-// over its stores (up to six: core, sink and raw keys and values), each rounded up to a multiple
-// of `granularity` bytes, the allocator's unit (cudaMalloc's is 2 MiB: kCudaAllocGranularity).
+// Bytes a cache of fixed `capacity` allocates (keys and values), without allocating: its stores
+// (up to six: core, sink and raw keys and values) are one allocation, each at a 256-byte
+// boundary, rounded up to a multiple of `granularity` bytes, the allocator's unit (cudaMalloc's
+// is 2 MiB: kCudaAllocGranularity).
 int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64_t hq,
                                 int64_t hkv, int64_t head_dim, DType dtype,
                                 const KvCacheCapacity& capacity, int64_t granularity = 1);
-// The unit in which cudaMalloc hands out device memory: a cache of many stores, each rounded up,
-// takes more than its bytes (a Llama-3-8B cca cache of 128K tokens: 3.25 GiB of rows, 3.5 GiB
-// allocated; H200, 2026-11-29, docs/perf.md).
+// The unit in which cudaMalloc hands out device memory. With a cudaMalloc per store, the stores
+// of a Llama-3-8B cca model's 128K-token caches took 3.50 GiB for 3.25 GiB of rows (H200,
+// 2026-11-29, docs/perf.md); in one allocation per layer, 3.31 GiB.
 constexpr int64_t kCudaAllocGranularity = int64_t(2) << 20;
 
 class KvCache {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <sstream>
 
@@ -34,7 +35,8 @@ class Phase {
 
 namespace {
 
-// An owned [B, cap, H, D] buffer in the backend's memory.
+// A [B, cap, H, D] buffer in the backend's memory: owned when it grows, a view into its cache's
+// one allocation when its capacity is fixed (attach_fixed).
 class Store {
  public:
   Store(const Backend& be, int64_t B, int64_t H, int64_t D, DType dt, void* stream)
@@ -45,7 +47,7 @@ class Store {
     if (this != &o) {
       release();
       be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, stream_ = o.stream_, cap_ = o.cap_,
-      data_ = o.data_, fixed_ = o.fixed_;
+      data_ = o.data_, fixed_ = o.fixed_, owns_ = o.owns_;
       o.data_ = nullptr;
       o.cap_ = 0;
     }
@@ -58,14 +60,16 @@ class Store {
     return v.slice(1, row0, count);
   }
   int64_t capacity() const { return cap_; }
-  int64_t bytes() const { return B_ * cap_ * H_ * D_ * dtype_size(dtype_); }
+  int64_t bytes() const { return row_bytes() * cap_; }
+  int64_t row_bytes() const { return B_ * H_ * D_ * dtype_size(dtype_); }
 
-  // Allocates `cap` rows once; the store then never grows.
-  void allocate_fixed(int64_t cap) {
+  // `cap` rows at `data` (not owned: the cache's allocation); the store then never grows.
+  void attach_fixed(void* data, int64_t cap) {
     release();
     cap_ = cap;
     fixed_ = true;
-    if (cap > 0) data_ = be_->alloc(bytes());
+    owns_ = false;
+    data_ = cap > 0 ? data : nullptr;
   }
 
   // Makes room for `needed` rows, keeping rows [keep0, keep0 + keep) which move to row 0 when
@@ -94,7 +98,7 @@ class Store {
 
  private:
   void release() {
-    if (data_) be_->free(data_);
+    if (data_ && owns_) be_->free(data_);
     data_ = nullptr;
   }
   const Backend* be_ = nullptr;
@@ -104,6 +108,7 @@ class Store {
   int64_t cap_ = 0;
   void* data_ = nullptr;
   bool fixed_ = false;
+  bool owns_ = true;
 };
 
 // Rows each store of a fixed-capacity cache needs: core, sink, raw.
@@ -121,6 +126,23 @@ StoreRows fixed_rows(const VariantSpec& v, const KvCacheCapacity& c) {
   const int64_t live = v.kind == VariantKind::full ? c.max_tokens : v.window + v.group + chunk;
   r.raw = v.kind == VariantKind::full ? c.max_tokens : std::min(2 * live, 2 * c.max_tokens);
   return r;
+}
+
+// A fixed-capacity cache's stores (core k, core v, sink k, sink v, raw k, raw v) in one
+// allocation, each at a 256-byte boundary: one allocation per cache instead of six, since the
+// device's allocator rounds every one up (cudaMalloc: to 2 MiB).
+struct FixedLayout {
+  int64_t offset[6];
+  int64_t total;
+};
+FixedLayout fixed_layout(const StoreRows& r, int64_t core_row_bytes, int64_t row_bytes) {
+  const int64_t rows[6] = {r.core, r.core, r.sink, r.sink, r.raw, r.raw};
+  FixedLayout l{};
+  for (int i = 0; i < 6; ++i) {
+    l.offset[i] = l.total;
+    l.total += (rows[i] * (i < 2 ? core_row_bytes : row_bytes) + 255) / 256 * 256;
+  }
+  return l;
 }
 
 // A decode step's appends and pools of all its sequences, launched together before its attend.
@@ -147,6 +169,8 @@ struct KvCache::Impl {
   DType dtype;
   RunOptions run;
   const Backend* be;
+  // The stores' one allocation when the capacity is fixed (declared first: freed last).
+  std::unique_ptr<void, std::function<void(void*)>> fixed_block;
   Store core_k, core_v, sink_k, sink_v, raw_k, raw_v;
   int64_t n = 0;          // tokens appended
   int64_t n_core = 0;     // core tokens held
@@ -171,12 +195,18 @@ struct KvCache::Impl {
   void allocate_fixed(const KvCacheCapacity& c) {
     capacity = c;
     const StoreRows r = fixed_rows(variant, c);
-    core_k.allocate_fixed(r.core);
-    core_v.allocate_fixed(r.core);
-    sink_k.allocate_fixed(r.sink);
-    sink_v.allocate_fixed(r.sink);
-    raw_k.allocate_fixed(r.raw);
-    raw_v.allocate_fixed(r.raw);
+    const FixedLayout l = fixed_layout(r, core_k.row_bytes(), raw_k.row_bytes());
+    const Backend* b = be;
+    fixed_block = {l.total > 0 ? be->alloc(l.total) : nullptr, [b](void* p) {
+                     if (p) b->free(p);
+                   }};
+    char* base = static_cast<char*>(fixed_block.get());
+    Store* stores[6] = {&core_k, &core_v, &sink_k, &sink_v, &raw_k, &raw_v};
+    const int64_t rows[6] = {r.core, r.core, r.sink, r.sink, r.raw, r.raw};
+    for (int i = 0; i < 6; ++i) stores[i]->attach_fixed(base + l.offset[i], rows[i]);
+  }
+  int64_t fixed_bytes() const {
+    return fixed_layout(fixed_rows(variant, capacity), core_k.row_bytes(), raw_k.row_bytes()).total;
   }
 
   void check_chunk(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -370,13 +400,11 @@ int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64
                                 int64_t hkv, int64_t head_dim, DType dtype,
                                 const KvCacheCapacity& capacity, int64_t granularity) {
   check(granularity >= 1, "kv_cache_capacity_bytes: granularity must be >= 1");
-  const StoreRows r = fixed_rows(variant, capacity);
-  const int64_t per_row = batch * head_dim * dtype_size(dtype);
-  auto store = [&](int64_t rows, int64_t heads) {  // as Store::allocate_fixed allocates
-    const int64_t b = rows * heads * per_row;
-    return (b + granularity - 1) / granularity * granularity;
-  };
-  return 2 * (store(r.core, variant.core_heads(hq, hkv)) + store(r.sink, hkv) + store(r.raw, hkv));
+  const int64_t row = batch * head_dim * dtype_size(dtype);  // one head's
+  const int64_t total =
+      fixed_layout(fixed_rows(variant, capacity), row * variant.core_heads(hq, hkv), row * hkv)
+          .total;
+  return (total + granularity - 1) / granularity * granularity;
 }
 KvCache::~KvCache() = default;
 KvCache::KvCache(KvCache&&) noexcept = default;
@@ -407,6 +435,7 @@ void KvCache::advance_replayed() {
 }
 int64_t KvCache::allocated_bytes() const {
   const Impl& m = *impl_;
+  if (m.capacity.max_tokens > 0) return m.fixed_bytes();
   int64_t b = 0;
   for (const Store* s : {&m.core_k, &m.core_v, &m.sink_k, &m.sink_v, &m.raw_k, &m.raw_v})
     b += s->bytes();
