@@ -95,8 +95,9 @@ TEST_P(EngineOnDevice, DecodeAndChunksEqualOneShotPrefill) {
   }
 }
 
-// A batch of sequences at different lengths (5, 70 and 200 tokens): each decode step of the
-// batch gives every sequence the logits it gets alone.
+// A batch of sequences at different lengths (5, 70 and 200 tokens): each step of the batch
+// (decode steps, then steps mixing decode tokens with a prompt chunk) gives every sequence the
+// logits it gets alone.
 TEST_P(EngineOnDevice, BatchEqualsEachSequenceAlone) {
   const DeviceChoice d = GetParam();
   const VariantSpec v = VariantSpec::cca(16, 64);
@@ -122,15 +123,19 @@ TEST_P(EngineOnDevice, BatchEqualsEachSequenceAlone) {
       ss.push_back(seqs[i].get());
       toks.push_back({int32_t((step * 13 + int(i) * 7) % 300)});
     }
+    // Steps 2 and 3 are mixed, as a server's: two decode tokens, then a 5-token chunk of the
+    // last sequence.
+    if (step >= 2)
+      for (int32_t j = 1; j < 5; ++j) toks.back().push_back(int32_t((step * 31 + j * 11) % 300));
     std::vector<const model::TokenIds*> tp;
     for (const auto& t : toks) tp.push_back(&t);
     batch.step(ss, tp);
-    batch.logits(std::vector<int32_t>{0, 1, 2}, lb);
+    batch.logits(std::vector<int32_t>{0, 1, int32_t(1 + toks.back().size())}, lb);
     for (size_t i = 0; i < prompts.size(); ++i) {
       engine::Sequence* s = alone[i].get();
       const model::TokenIds* t = &toks[i];
       single.step(std::span(&s, 1), std::span(&t, 1));
-      single.logits(std::vector<int32_t>{0}, ls);
+      single.logits(std::vector<int32_t>{int32_t(t->size() - 1)}, ls);
       const std::vector<float> row(lb.begin() + int64_t(i) * V, lb.begin() + int64_t(i + 1) * V);
       EXPECT_LE(test::relative_max_diff(row, ls), tolerance(d))
           << device_name(d) << " sequence " << i << " step " << step;

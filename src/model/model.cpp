@@ -178,10 +178,14 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
   const bool kv_convert = !a.kv_qkv.empty();
   const TensorView kv_qkv = kv_convert ? rows(a.kv_qkv) : qkv;
   const TensorView kv_att = kv_convert ? rows(a.kv_att) : att;
-  const bool one_each = std::all_of(slices.begin(), slices.end(),
-                                    [](const StepSlice& s) { return s.rows == 1; });
-  check(!device_positions || one_each, "device-held positions need one token per sequence");
-  const bool batched = device_positions || (slices.size() > 1 && one_each);
+  // The one-token slices at the front (a step's decode tokens, ahead of any prompt chunk) attend
+  // in one batched call; the other slices one by one.
+  size_t ones = 0;
+  while (ones < slices.size() && slices[ones].rows == 1 && slices[ones].row0 == int64_t(ones))
+    ++ones;
+  check(!device_positions || ones == slices.size(),
+        "device-held positions need one token per sequence");
+  const bool batched = device_positions || ones > 1;
 
   ops::Profile& prof = ctx.profile();
   {
@@ -206,8 +210,8 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
     // The caches time their own phases (kv copy, pool, attend) on the same profile.
     if (batched) {
       std::vector<KvCache*> caches;
-      for (const StepSlice& s : slices) caches.push_back(&(*s.caches)[l]);
-      const int64_t S = int64_t(slices.size());
+      for (size_t i = 0; i < ones; ++i) caches.push_back(&(*slices[i].caches)[l]);
+      const int64_t S = int64_t(ones);
       const TensorView q = heads_view(kv_qkv, 0, S, 1, 0, Hq, D),
                        k = heads_view(kv_qkv, 0, S, 1, Hq, Hkv, D),
                        v = heads_view(kv_qkv, 0, S, 1, Hq + Hkv, Hkv, D),
@@ -216,12 +220,13 @@ void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
         kv_cache_decode_step(caches, q, k, v, o, a.positions);
       else
         kv_cache_append_batch(caches, q, k, v, o);
-    } else {
-      for (const StepSlice& s : slices)
-        (*s.caches)[l].append(heads_view(kv_qkv, s.row0, 1, s.rows, 0, Hq, D),
-                              heads_view(kv_qkv, s.row0, 1, s.rows, Hq, Hkv, D),
-                              heads_view(kv_qkv, s.row0, 1, s.rows, Hq + Hkv, Hkv, D),
-                              heads_view(kv_att, s.row0, 1, s.rows, 0, Hq, D));
+    }
+    for (size_t i = batched ? ones : 0; i < slices.size(); ++i) {
+      const StepSlice& s = slices[i];
+      (*s.caches)[l].append(heads_view(kv_qkv, s.row0, 1, s.rows, 0, Hq, D),
+                            heads_view(kv_qkv, s.row0, 1, s.rows, Hq, Hkv, D),
+                            heads_view(kv_qkv, s.row0, 1, s.rows, Hq + Hkv, Hkv, D),
+                            heads_view(kv_att, s.row0, 1, s.rows, 0, Hq, D));
     }
     if (kv_convert) {
       const ops::Timed t(prof, "convert");

@@ -100,8 +100,9 @@ struct StepSlice {
 };
 
 // The forward of `n` rows (ids and positions set in `a`) through every layer; the slices cover
-// rows [0, n) in order. Slices of one row each (a decode step of several sequences) attend in
-// one batched call per layer; with `device_positions` (such a step, every cache
+// rows [0, n) in order. The slices of one row each at the front (a decode step of several
+// sequences, or the decode tokens of a step that also feeds prompt chunks) attend in one batched
+// call per layer, the others one by one; with `device_positions` (such a step, every cache
 // next_step_replayable()) through kv_cache_decode_step, whose launches a CUDA graph can replay.
 // Leaves the final residual in a.x.
 void forward(Activations& a, std::span<const StepSlice> slices, int64_t n,
