@@ -47,4 +47,29 @@ inline BwdArgs make_bwd_args(const AttendBwdProblem& p, int64_t m) {
   return a;
 }
 
+// dq rows row0 + ra and row0 + rb (those below rows_here) of query head h of batch row b =
+// scale x acc, the rows' m16n8-layout accumulators (column 8 dt + 2 (lane % 4) + {0, 1}).
+template <int D>
+__device__ __forceinline__ void store_dq_rows(const BwdArgs& a, int b, int h, int64_t row0,
+                                              int ra, int rb, int rows_here, int lane,
+                                              const float (&acc)[D / 8][4]) {
+  const int col = 2 * (lane & 3);
+  if (ra < rows_here) {
+    float* g = a.dq.at(b, row0 + ra, h);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      g[dt * 8 + col] = a.scale * acc[dt][0];
+      g[dt * 8 + col + 1] = a.scale * acc[dt][1];
+    }
+  }
+  if (rb < rows_here) {
+    float* g = a.dq.at(b, row0 + rb, h);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      g[dt * 8 + col] = a.scale * acc[dt][2];
+      g[dt * 8 + col + 1] = a.scale * acc[dt][3];
+    }
+  }
+}
+
 }  // namespace cca::cuda

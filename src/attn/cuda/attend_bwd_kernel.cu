@@ -373,23 +373,7 @@ __global__ void __launch_bounds__(AttendBwdTile<D>::kDqThreads) bwd_dq_kernel(co
     }
   }
 
-  const int col = 2 * (lane & 3);
-  if (ra < rows_here) {
-    float* g = a.dq.at(b, row0 + ra, h);
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      g[dt * 8 + col] = a.scale * acc[dt][0];
-      g[dt * 8 + col + 1] = a.scale * acc[dt][1];
-    }
-  }
-  if (rb < rows_here) {
-    float* g = a.dq.at(b, row0 + rb, h);
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      g[dt * 8 + col] = a.scale * acc[dt][2];
-      g[dt * 8 + col + 1] = a.scale * acc[dt][3];
-    }
-  }
+  store_dq_rows<D>(a, b, h, row0, ra, rb, rows_here, lane, acc);
 }
 
 template <typename K>

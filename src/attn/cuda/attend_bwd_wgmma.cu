@@ -27,7 +27,6 @@
 // CCA_CUDA_BWD=mma forces the mma.sync kernels (bwd_env); CCA_CUDA_BWD_OVERLAP=0 the dQ kernel's
 // plain loop.
 #include <cuda.h>
-#include <cudaTypedefs.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -38,6 +37,7 @@
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
 #include "kernels.hpp"
+#include "tensor_map.hpp"
 #include "tile_config.hpp"
 #include "wgmma.cuh"
 
@@ -597,65 +597,11 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
 
-    const int col = 2 * (lane & 3);
-    if (ra < rows_here) {
-      float* g = a.dq.at(b, row0 + ra, h);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        g[dt * 8 + col] = a.scale * acc[dt][0];
-        g[dt * 8 + col + 1] = a.scale * acc[dt][1];
-      }
-    }
-    if (rb < rows_here) {
-      float* g = a.dq.at(b, row0 + rb, h);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        g[dt * 8 + col] = a.scale * acc[dt][2];
-        g[dt * 8 + col + 1] = a.scale * acc[dt][3];
-      }
-    }
+    store_dq_rows<D>(a, b, h, row0, ra, rb, rows_here, lane, acc);
   }  // consumers
 #else
   __trap();  // never launched: the host checks for sm_90a device code first
 #endif
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    cudaGetLastError();
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// Tensor map of a [B, rows, H, D] view, boxes of 64 x box_rows with the 128-byte swizzle (as
-// attend_wgmma.cu's).
-bool encode_map(CUtensorMap& m, const TensorView& t, int box_rows) {
-  auto fn = encode_fn();
-  if (!fn || !t.data) return false;
-  const cuuint64_t dims[4] = {cuuint64_t(t.shape[3]), cuuint64_t(t.shape[1]),
-                              cuuint64_t(t.shape[2]), cuuint64_t(t.shape[0])};
-  cuuint64_t strides[3];
-  for (int i = 0; i < 3; ++i) {
-    const int vd = i == 0 ? 1 : (i == 1 ? 2 : 0);  // dims[i + 1] is view dim 1, 2, 0
-    const int64_t st = t.shape[vd] == 1 ? 16 / 2 : t.stride[vd];  // size 1: never stepped
-    if (st <= 0) return false;
-    strides[i] = cuuint64_t(st) * 2;
-    if (strides[i] % 16 != 0) return false;
-  }
-  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
-  const cuuint32_t estr[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt = t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return fn(&m, dt, 4, t.data, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 std::atomic<int64_t> g_wgmma_launches{0};
@@ -748,10 +694,12 @@ bool launch_attend_bwd_dkdv_wgmma(const AttendBwdProblem& p, int64_t m, cudaStre
   BwdMaps maps;
   std::memset(&maps, 0, sizeof(maps));
   constexpr int kM = 64, kN = 128;  // WgBwdTile's kBlockM, kBlockN (the boxes of the copies)
-  if (!encode_map(maps.q, p.q, kM) || !encode_map(maps.dout, p.dout, kM)) return false;
-  if (!encode_map(maps.k[1], p.k, kN) || !encode_map(maps.v[1], p.v, kN)) return false;
-  if (m > 0 && (!encode_map(maps.k[0], p.k_core.slice(1, 0, m), kN) ||
-                !encode_map(maps.v[0], p.v_core.slice(1, 0, m), kN)))
+  if (!encode_tensor_map(maps.q, p.q, kM) || !encode_tensor_map(maps.dout, p.dout, kM))
+    return false;
+  if (!encode_tensor_map(maps.k[1], p.k, kN) || !encode_tensor_map(maps.v[1], p.v, kN))
+    return false;
+  if (m > 0 && (!encode_tensor_map(maps.k[0], p.k_core.slice(1, 0, m), kN) ||
+                !encode_tensor_map(maps.v[0], p.v_core.slice(1, 0, m), kN)))
     return false;
   const int64_t Hkv = p.k.shape[2], Hc = m > 0 ? p.k_core.shape[2] : 0;
   bool launched = false;
@@ -774,10 +722,12 @@ bool launch_attend_bwd_dq_wgmma(const AttendBwdProblem& p, int64_t m, cudaStream
   DqMaps maps;
   std::memset(&maps, 0, sizeof(maps));
   const int kN = D == 128 ? 64 : 128;  // WgDqTile's kBlockN
-  if (!encode_map(maps.q, p.q, 128) || !encode_map(maps.dout, p.dout, 128)) return false;
-  if (!encode_map(maps.k[1], p.k, kN) || !encode_map(maps.v[1], p.v, kN)) return false;
-  if (m > 0 && (!encode_map(maps.k[0], p.k_core.slice(1, 0, m), kN) ||
-                !encode_map(maps.v[0], p.v_core.slice(1, 0, m), kN)))
+  if (!encode_tensor_map(maps.q, p.q, 128) || !encode_tensor_map(maps.dout, p.dout, 128))
+    return false;
+  if (!encode_tensor_map(maps.k[1], p.k, kN) || !encode_tensor_map(maps.v[1], p.v, kN))
+    return false;
+  if (m > 0 && (!encode_tensor_map(maps.k[0], p.k_core.slice(1, 0, m), kN) ||
+                !encode_tensor_map(maps.v[0], p.v_core.slice(1, 0, m), kN)))
     return false;
   bool launched = false;
   dispatch_dtype_dim(p.q.dtype, D, [&](auto type_tag, auto dim_tag) {

@@ -13,7 +13,6 @@
 // Needs sm_90a device code, a positive softmax scale and tensor maps the driver accepts;
 // otherwise launch_attend_wgmma returns false and the portable tile kernel runs.
 #include <cuda.h>
-#include <cudaTypedefs.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +22,7 @@
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
 #include "kernels.hpp"
+#include "tensor_map.hpp"
 #include "tile_config.hpp"
 #include "wgmma.cuh"
 
@@ -301,44 +301,6 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    cudaGetLastError();
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// Tensor map of a [B, rows, H, D] view, boxes of 64 x box_rows with the 128-byte swizzle.
-bool encode_map(CUtensorMap& m, const TensorView& t, int box_rows) {
-  auto fn = encode_fn();
-  if (!fn || !t.data) return false;
-  const cuuint64_t dims[4] = {cuuint64_t(t.shape[3]), cuuint64_t(t.shape[1]),
-                              cuuint64_t(t.shape[2]), cuuint64_t(t.shape[0])};
-  cuuint64_t strides[3];
-  for (int i = 0; i < 3; ++i) {
-    const int vd = i == 0 ? 1 : (i == 1 ? 2 : 0);  // dims[i + 1] is view dim 1, 2, 0
-    // A dimension of size 1 is never stepped: give it a legal stride.
-    const int64_t st = t.shape[vd] == 1 ? 16 / 2 : t.stride[vd];
-    if (st <= 0) return false;
-    strides[i] = cuuint64_t(st) * 2;
-    if (strides[i] % 16 != 0) return false;
-  }
-  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
-  const cuuint32_t estr[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt = t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return fn(&m, dt, 4, t.data, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 // CCA_CUDA_WGMMA=0 turns the path off, CCA_CUDA_PINGPONG=0 the warpgroup ping-pong (and with it
 // the overlap), CCA_CUDA_OVERLAP=0 the intra-warpgroup pipelining, CCA_CUDA_STAGES=2 a 2-deep
 // pipeline without overlap (A/B timing, debugging); anything else leaves them on.
@@ -406,11 +368,12 @@ bool launch_attend_wgmma(const AttendProblem& p, cudaStream_t stream) {
     if (s.rows > (int64_t(1) << 30)) return false;  // TMA coordinates are 32-bit
   WgMaps maps;
   std::memset(&maps, 0, sizeof(maps));
-  if (!encode_map(maps.q, p.q, 128)) return false;
+  if (!encode_tensor_map(maps.q, p.q, 128)) return false;
   const KvSegment* segs[3] = {&p.core, &p.sink, &p.local};
   for (int s = 0; s < 3; ++s) {
     if (segs[s]->rows() == 0) continue;
-    if (!encode_map(maps.k[s], segs[s]->k, 128) || !encode_map(maps.v[s], segs[s]->v, 128))
+    if (!encode_tensor_map(maps.k[s], segs[s]->k, 128) ||
+        !encode_tensor_map(maps.v[s], segs[s]->v, 128))
       return false;
   }
   bool launched = false;
