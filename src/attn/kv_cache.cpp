@@ -47,7 +47,7 @@ class Store {
     if (this != &o) {
       release();
       be_ = o.be_, B_ = o.B_, H_ = o.H_, D_ = o.D_, dtype_ = o.dtype_, stream_ = o.stream_, cap_ = o.cap_,
-      data_ = o.data_, fixed_ = o.fixed_, owns_ = o.owns_;
+      data_ = o.data_, fixed_ = o.fixed_;
       o.data_ = nullptr;
       o.cap_ = 0;
     }
@@ -68,7 +68,6 @@ class Store {
     release();
     cap_ = cap;
     fixed_ = true;
-    owns_ = false;
     data_ = cap > 0 ? data : nullptr;
   }
 
@@ -98,7 +97,7 @@ class Store {
 
  private:
   void release() {
-    if (data_ && owns_) be_->free(data_);
+    if (data_ && !fixed_) be_->free(data_);  // a fixed store's memory is its cache's
     data_ = nullptr;
   }
   const Backend* be_ = nullptr;
@@ -108,7 +107,6 @@ class Store {
   int64_t cap_ = 0;
   void* data_ = nullptr;
   bool fixed_ = false;
-  bool owns_ = true;
 };
 
 // Rows each store of a fixed-capacity cache needs: core, sink, raw.
@@ -132,15 +130,14 @@ StoreRows fixed_rows(const VariantSpec& v, const KvCacheCapacity& c) {
 // allocation, each at a 256-byte boundary: one allocation per cache instead of six, since the
 // device's allocator rounds every one up (cudaMalloc: to 2 MiB).
 struct FixedLayout {
-  int64_t offset[6];
+  int64_t rows[6], offset[6];
   int64_t total;
 };
 FixedLayout fixed_layout(const StoreRows& r, int64_t core_row_bytes, int64_t row_bytes) {
-  const int64_t rows[6] = {r.core, r.core, r.sink, r.sink, r.raw, r.raw};
-  FixedLayout l{};
+  FixedLayout l{{r.core, r.core, r.sink, r.sink, r.raw, r.raw}, {}, 0};
   for (int i = 0; i < 6; ++i) {
     l.offset[i] = l.total;
-    l.total += (rows[i] * (i < 2 ? core_row_bytes : row_bytes) + 255) / 256 * 256;
+    l.total += (l.rows[i] * (i < 2 ? core_row_bytes : row_bytes) + 255) / 256 * 256;
   }
   return l;
 }
@@ -192,21 +189,20 @@ struct KvCache::Impl {
     return KvSegment{raw_k.rows(raw_off, rows), raw_v.rows(raw_off, rows), raw_begin};
   }
 
+  // The stores' places in the one allocation of a fixed `capacity`.
+  FixedLayout layout() const {
+    return fixed_layout(fixed_rows(variant, capacity), core_k.row_bytes(), raw_k.row_bytes());
+  }
   void allocate_fixed(const KvCacheCapacity& c) {
     capacity = c;
-    const StoreRows r = fixed_rows(variant, c);
-    const FixedLayout l = fixed_layout(r, core_k.row_bytes(), raw_k.row_bytes());
+    const FixedLayout l = layout();
     const Backend* b = be;
     fixed_block = {l.total > 0 ? be->alloc(l.total) : nullptr, [b](void* p) {
                      if (p) b->free(p);
                    }};
     char* base = static_cast<char*>(fixed_block.get());
     Store* stores[6] = {&core_k, &core_v, &sink_k, &sink_v, &raw_k, &raw_v};
-    const int64_t rows[6] = {r.core, r.core, r.sink, r.sink, r.raw, r.raw};
-    for (int i = 0; i < 6; ++i) stores[i]->attach_fixed(base + l.offset[i], rows[i]);
-  }
-  int64_t fixed_bytes() const {
-    return fixed_layout(fixed_rows(variant, capacity), core_k.row_bytes(), raw_k.row_bytes()).total;
+    for (int i = 0; i < 6; ++i) stores[i]->attach_fixed(base + l.offset[i], l.rows[i]);
   }
 
   void check_chunk(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -435,7 +431,7 @@ void KvCache::advance_replayed() {
 }
 int64_t KvCache::allocated_bytes() const {
   const Impl& m = *impl_;
-  if (m.capacity.max_tokens > 0) return m.fixed_bytes();
+  if (m.capacity.max_tokens > 0) return m.layout().total;
   int64_t b = 0;
   for (const Store* s : {&m.core_k, &m.core_v, &m.sink_k, &m.sink_v, &m.raw_k, &m.raw_v})
     b += s->bytes();

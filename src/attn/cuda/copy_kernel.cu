@@ -2,7 +2,6 @@
 // test the vectorised kernels rely on.
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "cuda_check.hpp"
 #include "device_utils.cuh"
@@ -120,18 +119,13 @@ CopyJob copy_job(const TensorView& dst, const TensorView& src, const int32_t* po
   return j;
 }
 
-// One launch for jobs [0, count) of one unit, count <= kCap.
+// One launch of the batch's copies, all of `unit` bytes.
 template <int kCap>
-void launch_jobs(const CopyJob* jobs, int count, int64_t unit, cudaStream_t stream) {
-  CopyBatch<kCap> b{};
-  b.count = count;
+void launch_batch(const CopyBatch<kCap>& b, int64_t unit, cudaStream_t stream) {
   int64_t most = 0;
-  for (int i = 0; i < count; ++i) {
-    b.j[i] = jobs[i];
-    most = std::max(most, jobs[i].c.total);
-  }
+  for (int i = 0; i < b.count; ++i) most = std::max(most, b.j[i].c.total);
   if (most == 0) return;
-  const dim3 grid(unsigned(std::min<int64_t>((most + 255) / 256, 65535)), unsigned(count));
+  const dim3 grid(unsigned(std::min<int64_t>((most + 255) / 256, 65535)), unsigned(b.count));
   auto go = [&](auto tag) {
     using E = typename decltype(tag)::type;
     pdl_launch(copy_tensor_kernel<E, kCap>, grid, dim3(256), 0, stream, b);
@@ -152,7 +146,7 @@ void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream
   int64_t unit = 0;
   const CopyJob j = copy_job(dst, src, nullptr, 0, unit);
   if (j.c.total == 0) return;
-  if (unit != 0) return launch_jobs<1>(&j, 1, unit, stream);
+  if (unit != 0) return launch_batch(CopyBatch<1>{1, {j}}, unit, stream);
   // float32 gradients into 16-bit ones, element by element
   const unsigned blocks = unsigned(std::min<int64_t>((j.c.total + 255) / 256, 65535));
   if (dst.dtype == DType::bf16)
@@ -166,23 +160,19 @@ void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream
 
 void launch_copy_tensor_at(const std::vector<CopyAt>& copies, cudaStream_t stream) {
   // Consecutive copies of one unit share a launch (all of a decode step's, in practice).
-  std::vector<CopyJob> jobs;
+  CopyBatch<kCopyBatchCap> b{};
   int64_t unit = 0;
-  auto flush = [&] {
-    for (size_t i = 0; i < jobs.size(); i += kCopyBatchCap)
-      launch_jobs<kCopyBatchCap>(jobs.data() + i,
-                                 int(std::min<size_t>(kCopyBatchCap, jobs.size() - i)), unit,
-                                 stream);
-    jobs.clear();
-  };
   for (const CopyAt& c : copies) {
     int64_t u = 0;
     const CopyJob j = copy_job(c.dst_store, c.src, c.pos_device, c.pos0, u);
-    if (!jobs.empty() && u != unit) flush();
+    if (b.count == kCopyBatchCap || (b.count > 0 && u != unit)) {
+      launch_batch(b, unit, stream);
+      b.count = 0;
+    }
     unit = u;
-    jobs.push_back(j);
+    b.j[b.count++] = j;
   }
-  flush();
+  if (b.count > 0) launch_batch(b, unit, stream);
 }
 
 }  // namespace cca::cuda
