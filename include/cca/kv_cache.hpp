@@ -24,7 +24,7 @@ int64_t kv_cache_capacity_bytes(const VariantSpec& variant, int64_t batch, int64
                                 const KvCacheCapacity& capacity, int64_t granularity = 1);
 // The unit in which cudaMalloc hands out device memory. With a cudaMalloc per store, the stores
 // of a Llama-3-8B cca model's 128K-token caches took 3.50 GiB for 3.25 GiB of rows (H200,
-// 2026-11-29, docs/perf.md); in one allocation per layer, 3.31 GiB.
+// 2026-11-29, docs/perf.md); in one allocation per layer they come to 3.31 GiB (computed).
 constexpr int64_t kCudaAllocGranularity = int64_t(2) << 20;
 
 class KvCache {
