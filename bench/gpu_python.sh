@@ -11,7 +11,8 @@
 #           generate, error cases, torch.compile of the model, then python -m cca.finetune end
 #           to end and `cca logits` / `cca generate` on its output
 #   bench   bench/hf_train_bench.py: one training step of a Llama-3-8B-shaped model (8 layers)
-#           with sdpa, cca and flex-cca at TRAIN_SEQ (default 16384,32768): tokens/s, peak memory
+#           with TRAIN_IMPL (default sdpa,cca,flex-cca,no-attn; no-attn: attention costs nothing,
+#           the floor of the rest) at TRAIN_SEQ (default 16384,32768): tokens/s, peak memory
 #   STAGES="build unit hf" (default; bench is asked for by name); HF_ONLY=forward,decode,... limits hf_checks. Each stage
 #   fits a 10-minute call: STAGES=build, then STAGES=unit, then STAGES=hf (build-gpu is kept).
 set -uo pipefail
@@ -77,7 +78,7 @@ fi
 if has bench; then
   echo "== training step: bench/hf_train_bench.py (sdpa, cca, flex-cca)"
   LD_LIBRARY_PATH=$ORIG_LD timeout ${BENCH_TIMEOUT:-560} python3 bench/hf_train_bench.py \
-    --seq "${TRAIN_SEQ:-16384,32768}" --json "$OUT/hf-train.json" 2>"$OUT/hf-train.log" |
+    --seq "${TRAIN_SEQ:-16384,32768}" --impl "${TRAIN_IMPL:-sdpa,cca,flex-cca,no-attn}" --json "$OUT/hf-train.json" 2>"$OUT/hf-train.log" |
     tee "$OUT/hf-train.txt" | grep -v '^{'
   rc=${PIPESTATUS[0]}
   [ $rc -eq 0 ] || tail -5 "$OUT/hf-train.log"

@@ -3,7 +3,9 @@
 (issue 10's benchmark, part 6): "sdpa" (full causal, transformers' own), "cca" (this repo's
 package: cca.transformers.register(), the library's CUDA forward and backward) and "flex-cca"
 (the same function as compiled FlexAttention + PyTorch pooling under autograd, from
-bench/hf_bench.py). The model is Llama-3-8B-shaped (hidden 4096, 32/8 heads, MLP 14336,
+bench/hf_bench.py), and "no-attn": attention replaced by a copy of the values (each query
+head gets its KV head's value row), which costs nothing, so its step time is the floor of the
+rest of the model and sdpa / no-attn bounds what any attention function can gain. The model is Llama-3-8B-shaped (hidden 4096, 32/8 heads, MLP 14336,
 vocabulary 128256) with --layers layers (default 8, so that bf16 weights, gradients and AdamW
 states fit next to 32K-token activations), random weights made on the GPU. A step: forward with
 labels (cross-entropy over all positions), backward, AdamW (fused) step, zero_grad; bf16
@@ -26,6 +28,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "python")]  # hf_bench, the cca package
 from hf_bench import is_oom, make_flex_cca  # noqa: E402
+
+
+def no_attention(module, query, key, value, attention_mask, **kwargs):
+    """The floor: attention output = the position's own value row (heads expanded for GQA)."""
+    del module, query, key, attention_mask, kwargs
+    rep = 32 // value.shape[1]  # query heads per KV head (the model has 32 query heads)
+    return value.repeat_interleave(rep, dim=1).transpose(1, 2).contiguous(), None
 
 
 def build_model(impl_name, layers, seed):
@@ -86,8 +95,8 @@ def main():
     seqs = [int(x) for x in a.seq.split(",") if x]
     impls = [x for x in a.impl.split(",") if x]
     for i in impls:
-        if i not in ("sdpa", "cca", "flex-cca"):
-            ap.error(f"--impl: unknown {i!r} (sdpa, cca, flex-cca)")
+        if i not in ("sdpa", "cca", "flex-cca", "no-attn"):
+            ap.error(f"--impl: unknown {i!r} (sdpa, cca, flex-cca, no-attn)")
     if a.layers < 1 or a.steps < 1 or not seqs or min(seqs) < 1:
         ap.error("--layers, --steps and every --seq must be >= 1")
     if not torch.cuda.is_available():
@@ -102,6 +111,9 @@ def main():
     if "flex-cca" in impls:
         AttentionInterface.register("cca_flex", make_flex_cca(a.group, a.window))
         names["flex-cca"] = "cca_flex"
+    if "no-attn" in impls:
+        AttentionInterface.register("no_attn", no_attention)
+        names["no-attn"] = "no_attn"
     rows = [{"torch": torch.__version__, "transformers": transformers.__version__,
              "gpu": torch.cuda.get_device_name(0),
              "date": datetime.date.today().isoformat(), "layers": a.layers}]
