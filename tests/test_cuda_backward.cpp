@@ -54,6 +54,8 @@ std::vector<Case> gpu_cases() {
       gpu_case(VariantSpec::sliding(150), 1, 1000, 4, 4, 64, f16),
       gpu_case(VariantSpec::streaming(4, 100), 1, 1000, 4, 2, 128, bf16, Layout::padded),
       gpu_case(VariantSpec::lminfinite(70, 65), 1, 333, 2, 1, 64, f16),
+      // large groups: the pooling backward loops over 448 rows
+      gpu_case(VariantSpec::cca(448, 300), 1, 2000, 2, 1, 128, bf16),
   };
 }
 

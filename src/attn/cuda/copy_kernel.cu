@@ -53,26 +53,66 @@ __global__ void copy_tensor_kernel(const __grid_constant__ CopyBatch<kCap> batch
   }
 }
 
-// dst = src rounded to nearest, float32 into a 16-bit dtype (attn_bwd's gradients).
-template <typename E>
+// dst = src rounded to nearest, float32 into a 16-bit dtype (attn_bwd's gradients), kVec
+// elements per thread step: 8 (two 16-byte loads, one 16-byte store) where rows allow, else 1.
+// The element index splits into (b, t, h, d) in I: 32-bit where the tensor allows (64-bit
+// division is emulated, and at one element per step it bounded the kernel, ~3.5x the bytes).
+template <typename E, int kVec, typename I>
 __global__ void round_tensor_kernel(E* dst, const float* src, CopyArgs c) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = i % c.n3, rest = i / c.n3, h = rest % c.n2, rest2 = rest / c.n2;
-    const int64_t t = rest2 % c.n1, b = rest2 / c.n1;
-    dst[b * c.ds[0] + t * c.ds[1] + h * c.ds[2] + d] =
-        from_float<E>(src[b * c.ss[0] + t * c.ss[1] + h * c.ss[2] + d]);
+  const I n3 = I(c.n3 / kVec), n2 = I(c.n2), n1 = I(c.n1), units = I(c.total / kVec);
+  const I stride = I(gridDim.x) * blockDim.x;
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < units; i += stride) {
+    const I u = i % n3, rest = i / n3, h = rest % n2, rest2 = rest / n2;
+    const I t = rest2 % n1, b = rest2 / n1;
+    const int64_t d = int64_t(u) * kVec;
+    const float* from =
+        src + int64_t(b) * c.ss[0] + int64_t(t) * c.ss[1] + int64_t(h) * c.ss[2] + d;
+    E* to = dst + int64_t(b) * c.ds[0] + int64_t(t) * c.ds[1] + int64_t(h) * c.ds[2] + d;
+    if constexpr (kVec == 8) {
+      const float4 lo = *reinterpret_cast<const float4*>(from);
+      const float4 hi = *reinterpret_cast<const float4*>(from + 4);
+      *reinterpret_cast<uint4*>(to) = make_uint4(pack2<E>(lo.x, lo.y), pack2<E>(lo.z, lo.w),
+                                                 pack2<E>(hi.x, hi.y), pack2<E>(hi.z, hi.w));
+    } else {
+      *to = from_float<E>(*from);
+    }
   }
+}
+
+// Whether t's rows start at multiples of `elems` elements from a 16-byte aligned base.
+bool rows_start_aligned(const TensorView& t, int64_t elems) {
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
+  for (int i = 0; i < 3; ++i)
+    if (t.shape[i] > 1 && t.stride[i] % elems != 0) return false;
+  return true;
+}
+
+template <typename E>
+void launch_round(const TensorView& dst, const TensorView& src, const CopyArgs& c,
+                  cudaStream_t stream) {
+  const bool vec = c.n3 % 8 == 0 && rows_start_aligned(src, 4) && rows_start_aligned(dst, 8);
+  const int64_t steps = vec ? c.total / 8 : c.total;
+  const unsigned blocks = unsigned(std::min<int64_t>((steps + 255) / 256, 65535));
+  E* to = static_cast<E*>(dst.data);
+  const float* from = static_cast<const float*>(src.data);
+  // 32-bit indices when the unit count, its stride over the grid and the dims all fit
+  const bool narrow = c.total + int64_t(blocks) * 256 < (int64_t(1) << 32);
+  if (vec && narrow)
+    round_tensor_kernel<E, 8, uint32_t><<<blocks, 256, 0, stream>>>(to, from, c);
+  else if (vec)
+    round_tensor_kernel<E, 8, int64_t><<<blocks, 256, 0, stream>>>(to, from, c);
+  else if (narrow)
+    round_tensor_kernel<E, 1, uint32_t><<<blocks, 256, 0, stream>>>(to, from, c);
+  else
+    round_tensor_kernel<E, 1, int64_t><<<blocks, 256, 0, stream>>>(to, from, c);
+  CCA_CUDA_CHECK_LAUNCH("round_tensor_kernel");
 }
 
 }  // namespace
 
 bool rows_aligned_16(const TensorView& t) {
   const int64_t es = dtype_size(t.dtype);
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
-  for (int i = 0; i < 3; ++i)
-    if (t.shape[i] > 1 && (t.stride[i] * es) % 16 != 0) return false;
-  return (t.shape[3] * es) % 16 == 0;
+  return rows_start_aligned(t, 16 / es) && (t.shape[3] * es) % 16 == 0;
 }
 
 namespace {
@@ -82,7 +122,7 @@ struct Unit {
 };
 
 // The checked arguments of dst = src; `unit` (bytes) is the size of E, 0 for a float32 src
-// rounded into a 16-bit dst (round_tensor_kernel, element by element).
+// rounded into a 16-bit dst (round_tensor_kernel; c counts elements).
 CopyJob copy_job(const TensorView& dst, const TensorView& src, const int32_t* pos, int64_t pos0,
                  int64_t& unit) {
   const bool rounds = src.dtype == DType::f32 && dst.dtype != DType::f32;
@@ -147,15 +187,11 @@ void launch_copy_tensor(const TensorView& dst, const TensorView& src, cudaStream
   const CopyJob j = copy_job(dst, src, nullptr, 0, unit);
   if (j.c.total == 0) return;
   if (unit != 0) return launch_batch(CopyBatch<1>{1, {j}}, unit, stream);
-  // float32 gradients into 16-bit ones, element by element
-  const unsigned blocks = unsigned(std::min<int64_t>((j.c.total + 255) / 256, 65535));
+  // float32 gradients into 16-bit ones
   if (dst.dtype == DType::bf16)
-    round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(dst.data),
-                                                    static_cast<const float*>(src.data), j.c);
+    launch_round<__nv_bfloat16>(dst, src, j.c, stream);
   else
-    round_tensor_kernel<<<blocks, 256, 0, stream>>>(static_cast<__half*>(dst.data),
-                                                    static_cast<const float*>(src.data), j.c);
-  CCA_CUDA_CHECK_LAUNCH("round_tensor_kernel");
+    launch_round<__half>(dst, src, j.c, stream);
 }
 
 void launch_copy_tensor_at(const std::vector<CopyAt>& copies, cudaStream_t stream) {
