@@ -54,22 +54,18 @@ __device__ __forceinline__ void store_dq_rows(const BwdArgs& a, int b, int h, in
                                               int ra, int rb, int rows_here, int lane,
                                               const float (&acc)[D / 8][4]) {
   const int col = 2 * (lane & 3);
-  if (ra < rows_here) {
-    float* g = a.dq.at(b, row0 + ra, h);
+  // row r holds accumulator elements i and i + 1
+  auto store = [&](int r, int i) {
+    if (r >= rows_here) return;
+    float* g = a.dq.at(b, row0 + r, h);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      g[dt * 8 + col] = a.scale * acc[dt][0];
-      g[dt * 8 + col + 1] = a.scale * acc[dt][1];
+      g[dt * 8 + col] = a.scale * acc[dt][i];
+      g[dt * 8 + col + 1] = a.scale * acc[dt][i + 1];
     }
-  }
-  if (rb < rows_here) {
-    float* g = a.dq.at(b, row0 + rb, h);
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      g[dt * 8 + col] = a.scale * acc[dt][2];
-      g[dt * 8 + col + 1] = a.scale * acc[dt][3];
-    }
-  }
+  };
+  store(ra, 0);
+  store(rb, 2);
 }
 
 }  // namespace cca::cuda

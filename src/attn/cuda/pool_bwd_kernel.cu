@@ -40,7 +40,7 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// grid B * m * Hkv; dynamic shared memory pool_bwd_smem_floats(D, nh, g) floats.
+// grid B * m * Hkv; dynamic shared memory pool_bwd_smem_bytes(D, nh, g, mode) bytes.
 template <typename T, int D>
 __global__ void __launch_bounds__(PoolBwdTile::kThreads, 7) pool_bwd_kernel(const PoolBwdArgs a) {
   constexpr int kThreads = PoolBwdTile::kThreads, kWarps = kThreads / 32;
